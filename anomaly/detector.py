@@ -1,0 +1,383 @@
+"""The PFM detector: fit on a few good images, then score new images with an anomaly map.
+
+    det = PFMDetector(DetectorConfig())
+    det.fit(["good1.png", "good2.png", ...])
+    pred = det.predict("test.png")      # Prediction(anomaly_map, pred_score, norm_score, ...)
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import nn
+
+from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, FeatureExtractor, load_pair
+from .image_io import ImageLike, load_image
+from .mapping import BidirectionalMapping, gaussian_blur, mapping_error, position_encoding
+from .postprocess import normalize
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+MAX_REFERENCES = 200
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that defines a detector; saved with its weights."""
+
+    backbone: str = DEFAULT_PAIR        # key of anomaly.backbones.BACKBONE_PAIRS
+    image_size: int = 256               # images are resized (no crop) to image_size^2
+    autocontrast: bool = True           # stretch each image's intensities (1% cut-off) first
+    latent_ratio: float = 1.0           # latent width c = max(min_latent, ratio * max(C_S, C_T))
+    min_latent: int = 48
+    position_encoding: bool = False     # PEFM: add a 2-D sinusoidal encoding to the net inputs
+    views: int = 48                     # training views in all (>= 1 per reference)
+    flips: bool = True                  # augment with horizontal/vertical flips
+    rotation: float = 15.0              # augment with rotations up to this many degrees
+    shift: float = 0.04                 # ... and shifts up to this fraction of the side
+    steps: int = 300                    # optimiser steps
+    batch: int = 2048                   # feature vectors per level per step
+    lr: float = 3e-3
+    weight_decay: float = 1e-5
+    max_train_seconds: float = 20.0     # hard cap on optimisation time
+    sigma: float = 4.0                  # Gaussian smoothing of the map, in pixels at 256 px
+    calibration_steps: float = 0.35     # fold models train for this fraction of `steps`
+    threshold_quantile: float = 1.0     # of the out-of-fold reference scores ...
+    threshold_margin: float = 0.1       # ... raised by this fraction of their spread
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_PAIRS:
+            raise ValueError(f"backbone {self.backbone!r} unknown; choose one of {sorted(BACKBONE_PAIRS)}")
+        if not 64 <= self.image_size <= 1024 or self.image_size % 16:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 16 in [64, 1024]")
+        for name in ("views", "steps", "batch", "min_latent"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ValueError(f"threshold_quantile {self.threshold_quantile} must be in (0, 1]")
+
+
+@dataclass
+class FitReport:
+    n_references: int
+    n_views: int
+    seconds: float
+    threshold: float
+    steps: int
+
+
+@dataclass
+class Prediction:
+    """One scored image. anomaly_map is (H, W) float32; pred_label True means defect."""
+
+    anomaly_map: np.ndarray
+    pred_score: float
+    norm_score: float
+    pred_label: bool
+    threshold: float
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        return "DEFECT" if self.pred_label else "OK"
+
+
+def to_tensor(images: Sequence[Image.Image], size: int, autocontrast: bool = False) -> torch.Tensor:
+    """RGB PIL images -> (B, 3, size, size) float in [0, 1] (bilinear, antialiased resize)."""
+    resized = [im.convert("RGB").resize((size, size), Image.BILINEAR) for im in images]
+    if autocontrast:
+        resized = [ImageOps.autocontrast(im, cutoff=1, preserve_tone=True) for im in resized]
+    arrays = [np.asarray(im) for im in resized]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def augment(images: torch.Tensor, n_views: int, cfg: DetectorConfig, generator: torch.Generator) -> torch.Tensor:
+    """(K, 3, S, S) references -> (K * n_views, 3, S, S); view 0 of each is the original.
+
+    Random flips, rotations and shifts, reflection-padded so no black corners appear.
+    """
+    K = images.shape[0]
+    if n_views == 1:
+        return images
+    reps = images.repeat_interleave(n_views, dim=0)                       # (K*V, 3, S, S)
+    N = reps.shape[0]
+    angle = (torch.rand(N, generator=generator) * 2 - 1) * math.radians(cfg.rotation)
+    shift = (torch.rand(N, 2, generator=generator) * 2 - 1) * cfg.shift * 2
+    flip = torch.ones(N, 2)
+    if cfg.flips:
+        flip = torch.where(torch.rand(N, 2, generator=generator) < 0.5, -1.0, 1.0)
+    original = torch.arange(N) % n_views == 0
+    angle[original], shift[original], flip[original] = 0.0, 0.0, 1.0
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos * flip[:, 0], -sin * flip[:, 1], shift[:, 0]], 1),
+                         torch.stack([sin * flip[:, 0], cos * flip[:, 1], shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(reps.shape), align_corners=False)
+    return F.grid_sample(reps, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class _Levels:
+    """Channel-last flattened features of one backbone: per level (N * h * w, C)."""
+
+    def __init__(self, feats: list[torch.Tensor]):
+        self.shapes = [tuple(f.shape[2:]) for f in feats]
+        self.flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).contiguous() for f in feats]
+
+
+class PFMDetector(nn.Module):
+    """Pre-trained feature mapping (Wan et al. 2022) for few-shot anomaly detection."""
+
+    def __init__(self, config: DetectorConfig | None = None):
+        super().__init__()
+        self.config = config or DetectorConfig()
+        self.source, self.target = load_pair(self.config.backbone)
+        self.mappings = self._new_mappings()
+        self.register_buffer("calibration_scores", torch.empty(0))
+        self.register_buffer("_threshold", torch.tensor(float("nan")))
+        self.mappings.eval()
+
+    # ------------------------------------------------------------------ construction
+
+    def _new_mappings(self) -> nn.ModuleList:
+        cfg = self.config
+        return nn.ModuleList(
+            BidirectionalMapping(cs, ct, max(cfg.min_latent, round(cfg.latent_ratio * max(cs, ct))))
+            for cs, ct in zip(self.source.channels, self.target.channels))
+
+    def state_dict(self, *args, **kwargs):  # the frozen backbones are not part of a detector file
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items()
+                if not k.startswith(("source.", "target."))}
+
+    # ------------------------------------------------------------------ fitted state
+
+    @property
+    def is_fitted(self) -> bool:
+        return not math.isnan(float(self._threshold))
+
+    @property
+    def threshold(self) -> float:
+        self._require_fitted()
+        return float(self._threshold)
+
+    @property
+    def score_range(self) -> tuple[float, float]:
+        """Raw scores mapped to 0 and 1 by ``norm_score`` (threshold maps to 0.5)."""
+        thr = self.threshold
+        lo = float(self.calibration_scores.min()) * 0.5 if len(self.calibration_scores) else 0.0
+        lo = min(lo, thr * 0.5)
+        return lo, thr + (thr - lo)
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError("the detector is not fitted yet: call fit() with good reference images first")
+
+    # ------------------------------------------------------------------ features
+
+    def _features(self, images: torch.Tensor, progress: Progress | None = None,
+                  chunk: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(N, 3, S, S) -> source and target features, per level (N, C_l, h_l, w_l)."""
+        parts_s, parts_t = [], []
+        for start in range(0, images.shape[0], chunk):
+            batch = images[start:start + chunk]
+            parts_s.append(self.source(batch))
+            parts_t.append(self.target(batch))
+            if progress:
+                progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
+        cat = lambda parts: [torch.cat([p[l] for p in parts]) for l in range(len(parts[0]))]
+        return cat(parts_s), cat(parts_t)
+
+    def _net_inputs(self, level: int, flat_s: torch.Tensor, flat_t: torch.Tensor,
+                    positions: torch.Tensor | None, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the position encoding (if configured) to the vectors entering the nets."""
+        if not self.config.position_encoding:
+            return flat_s, flat_t
+        h, w = hw
+        pe_s = position_encoding(flat_s.shape[1], h, w).reshape(h * w, -1)
+        pe_t = position_encoding(flat_t.shape[1], h, w).reshape(h * w, -1)
+        return flat_s + pe_s[positions], flat_t + pe_t[positions]
+
+    # ------------------------------------------------------------------ training
+
+    def _train(self, src: _Levels, tgt: _Levels, steps: int, seed: int,
+               progress: Progress | None = None) -> nn.ModuleList:
+        """Fit fresh mapping nets on cached features; returns them in eval mode."""
+        cfg = self.config
+        torch.manual_seed(seed)
+        mappings = self._new_mappings()
+        mappings.train()
+        generator = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.Adam(mappings.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, total_steps=steps,
+                                                       pct_start=0.1)
+        started = time.perf_counter()
+        for step in range(steps):
+            loss = 0.0
+            for level, net in enumerate(mappings):
+                n = src.flat[level].shape[0]
+                idx = torch.randint(n, (min(cfg.batch, n),), generator=generator)
+                s, t = src.flat[level][idx], tgt.flat[level][idx]
+                h, w = src.shapes[level]
+                s_in, t_in = self._net_inputs(level, s, t, idx % (h * w), (h, w))
+                loss = loss + mapping_error(net, s, t, s_in, t_in).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            if progress and step % 10 == 0:
+                progress(step / steps, f"training mapping networks ({step}/{steps})")
+            if time.perf_counter() - started > cfg.max_train_seconds:
+                log.warning("training stopped at step %d/%d: max_train_seconds=%.0f reached",
+                            step + 1, steps, cfg.max_train_seconds)
+                break
+        return mappings.eval()
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.inference_mode()
+    def _maps(self, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor],
+              mappings: nn.ModuleList | None = None) -> torch.Tensor:
+        """Features per level (B, C, h, w) -> smoothed anomaly maps (B, S, S)."""
+        mappings = self.mappings if mappings is None else mappings
+        S = self.config.image_size
+        total = 0.0
+        for level, net in enumerate(mappings):
+            fs, ft = feats_s[level], feats_t[level]
+            B, _, h, w = fs.shape
+            s = fs.permute(0, 2, 3, 1).reshape(B * h * w, -1)              # (B*h*w, C_S)
+            t = ft.permute(0, 2, 3, 1).reshape(B * h * w, -1)              # (B*h*w, C_T)
+            positions = torch.arange(h * w).repeat(B)
+            s_in, t_in = self._net_inputs(level, s, t, positions, (h, w))
+            err = mapping_error(net, s, t, s_in, t_in).reshape(B, 1, h, w)
+            total = total + F.interpolate(err, size=(S, S), mode="bilinear", align_corners=False)
+        maps = total[:, 0] / len(mappings)
+        return gaussian_blur(maps, self.config.sigma * S / 256)
+
+    @staticmethod
+    def _scores(maps: torch.Tensor) -> torch.Tensor:
+        """(B, S, S) -> (B,) image scores: the maximum of the smoothed map."""
+        return maps.flatten(1).amax(1)
+
+    # ------------------------------------------------------------------ public API
+
+    def fit(self, images: Sequence[ImageLike], progress: Progress | None = None) -> FitReport:
+        """Learn the mapping from k good images (1 <= k <= MAX_REFERENCES) and calibrate."""
+        cfg = self.config
+        if isinstance(images, (str, bytes, Image.Image, np.ndarray)):
+            images = [images]
+        k = len(images)
+        if not 1 <= k <= MAX_REFERENCES:
+            raise ValueError(f"fit needs between 1 and {MAX_REFERENCES} good reference images, got {k}")
+        started = time.perf_counter()
+        report = _stage(progress)
+        pil = [load_image(im, name=f"reference {i + 1}") for i, im in enumerate(images)]
+        refs = to_tensor(pil, cfg.image_size, cfg.autocontrast)                             # (k, 3, S, S)
+        n_views = max(1, math.ceil(cfg.views / k))
+        views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))
+        feats_s, feats_t = self._features(views, report(0.0, 0.3))
+        src, tgt = _Levels(feats_s), _Levels(feats_t)
+
+        mappings = self._train(src, tgt, cfg.steps, cfg.seed, report(0.3, 0.75))
+        calibration = self._calibrate(refs, feats_s, feats_t, n_views, report(0.75, 1.0))
+        self.mappings = mappings
+        self.calibration_scores = calibration
+        self._threshold = self._threshold_from(calibration)
+        seconds = time.perf_counter() - started
+        if progress:
+            progress(1.0, "done")
+        log.info("fitted on %d references (%d views) in %.1f s, threshold %.4f",
+                 k, views.shape[0], seconds, float(self._threshold))
+        return FitReport(k, views.shape[0], seconds, float(self._threshold), cfg.steps)
+
+    def _calibrate(self, refs: torch.Tensor, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor],
+                   n_views: int, progress: Progress | None) -> torch.Tensor:
+        """Out-of-sample image scores of the references -> (k,) (or (n_views - 1,) for k = 1).
+
+        Each reference is scored by mapping nets trained without it (two folds); with a single
+        reference, its held-out augmented views are scored by nets trained on the others.
+        """
+        cfg = self.config
+        k = refs.shape[0]
+        steps = max(1, round(cfg.steps * cfg.calibration_steps))
+        owner = torch.arange(k).repeat_interleave(n_views)                # reference of each view
+        if k == 1:
+            halves = torch.arange(n_views) % 2                            # split the views instead
+            held = [halves == f for f in range(2)]
+        else:
+            ids = torch.arange(k) % 2
+            held = [ids[owner] == f for f in range(2)]
+        scores = []
+        for f in range(2):
+            train = ~held[f]
+            src = _Levels([x[train] for x in feats_s])
+            tgt = _Levels([x[train] for x in feats_t])
+            fold = _sub(progress, f / 2, (f + 1) / 2)
+            nets = self._train(src, tgt, steps, cfg.seed + 1 + f, fold)
+            if k == 1:
+                test = held[f]
+            else:
+                test = held[f] & (torch.arange(len(owner)) % n_views == 0)  # the original images
+            maps = self._maps([x[test] for x in feats_s], [x[test] for x in feats_t], nets)
+            scores.append(self._scores(maps))
+        return torch.cat(scores)
+
+    def _threshold_from(self, scores: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        top = torch.quantile(scores, cfg.threshold_quantile)
+        spread = scores.max() - scores.min() if len(scores) > 1 else scores.max() * 0.0
+        return top + cfg.threshold_margin * torch.maximum(spread, 0.1 * top)
+
+    @torch.inference_mode()
+    def anomaly_maps(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (maps (N, S, S) float32 at the model's resolution, scores (N,))."""
+        self._require_fitted()
+        pil = [load_image(im, name=f"image {i + 1}") for i, im in enumerate(images)]
+        return self._maps_of(pil)
+
+    def _maps_of(self, pil: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        x = to_tensor(pil, self.config.image_size, self.config.autocontrast)
+        maps = self._maps(*self._features(x))
+        return maps.numpy().astype(np.float32), self._scores(maps).numpy()
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], resolution: str = "input"):
+        """One image -> Prediction; a list -> list of Predictions.
+
+        resolution="input" gives each map at its image's own size (H, W); "model" at S x S.
+        """
+        self._require_fitted()
+        if resolution not in ("input", "model"):
+            raise ValueError(f"resolution must be 'input' or 'model', got {resolution!r}")
+        single = isinstance(images, (str, bytes, Image.Image, np.ndarray)) or not isinstance(images, Sequence)
+        batch = [images] if single else list(images)
+        if not batch:
+            return []
+        pil = [load_image(im, name=f"image {i + 1}") for i, im in enumerate(batch)]
+        maps, scores = self._maps_of(pil)
+        thr = self.threshold
+        lo, hi = self.score_range
+        out = []
+        for im, amap, score in zip(pil, maps, scores):
+            if resolution == "input" and amap.shape != (im.height, im.width):
+                amap = F.interpolate(torch.from_numpy(amap)[None, None], size=(im.height, im.width),
+                                     mode="bilinear", align_corners=False)[0, 0].numpy()
+            out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)),
+                                  bool(score > thr), thr))
+        return out[0] if single else out
+
+
+def _sub(progress: Progress | None, start: float, end: float) -> Progress | None:
+    """A progress callback that maps [0, 1] onto [start, end] of ``progress``."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (end - start) * fraction, message)
+
+
+def _stage(progress: Progress | None):
+    return lambda start, end: _sub(progress, start, end)
