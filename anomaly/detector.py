@@ -9,19 +9,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, FeatureExtractor, load_pair
 from .image_io import ImageLike, load_image
 from .mapping import BidirectionalMapping, gaussian_blur, mapping_error, position_encoding
 from .postprocess import normalize
+from .serialization import load_detector, save_detector
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ class DetectorConfig:
 
     backbone: str = DEFAULT_PAIR        # key of anomaly.backbones.BACKBONE_PAIRS
     image_size: int = 256               # images are resized (no crop) to image_size^2
-    autocontrast: bool = True           # stretch each image's intensities (1% cut-off) first
     latent_ratio: float = 1.0           # latent width c = max(min_latent, ratio * max(C_S, C_T))
     min_latent: int = 48
     position_encoding: bool = False     # PEFM: add a 2-D sinusoidal encoding to the net inputs
@@ -43,15 +44,15 @@ class DetectorConfig:
     flips: bool = True                  # augment with horizontal/vertical flips
     rotation: float = 15.0              # augment with rotations up to this many degrees
     shift: float = 0.04                 # ... and shifts up to this fraction of the side
-    steps: int = 300                    # optimiser steps
-    batch: int = 2048                   # feature vectors per level per step
-    lr: float = 3e-3
+    steps: int = 200                    # optimiser steps (Adam, cosine-decayed learning rate)
+    batch: int = 256                    # feature vectors per level per step
+    lr: float = 1e-2
     weight_decay: float = 1e-5
     max_train_seconds: float = 20.0     # hard cap on optimisation time
-    sigma: float = 4.0                  # Gaussian smoothing of the map, in pixels at 256 px
-    calibration_steps: float = 0.35     # fold models train for this fraction of `steps`
-    threshold_quantile: float = 1.0     # of the out-of-fold reference scores ...
-    threshold_margin: float = 0.1       # ... raised by this fraction of their spread
+    sigma: float = 8.0                  # Gaussian smoothing of the map, in pixels at 256 px
+    holdout_steps: float = 0.6          # steps before the held-out references join training
+    threshold_margin: float = 0.05      # threshold = max held-out score * (1 + margin)
+    single_reference_margin: float = 0.25  # k = 1: augmented views score this much lower
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,8 +63,8 @@ class DetectorConfig:
         for name in ("views", "steps", "batch", "min_latent"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.threshold_quantile <= 1.0:
-            raise ValueError(f"threshold_quantile {self.threshold_quantile} must be in (0, 1]")
+        if not 0.0 < self.holdout_steps < 1.0:
+            raise ValueError(f"holdout_steps {self.holdout_steps} must be in (0, 1)")
 
 
 @dataclass
@@ -91,12 +92,9 @@ class Prediction:
         return "DEFECT" if self.pred_label else "OK"
 
 
-def to_tensor(images: Sequence[Image.Image], size: int, autocontrast: bool = False) -> torch.Tensor:
+def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """RGB PIL images -> (B, 3, size, size) float in [0, 1] (bilinear, antialiased resize)."""
-    resized = [im.convert("RGB").resize((size, size), Image.BILINEAR) for im in images]
-    if autocontrast:
-        resized = [ImageOps.autocontrast(im, cutoff=1, preserve_tone=True) for im in resized]
-    arrays = [np.asarray(im) for im in resized]
+    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -175,6 +173,17 @@ class PFMDetector(nn.Module):
         lo = min(lo, thr * 0.5)
         return lo, thr + (thr - lo)
 
+    config_class = DetectorConfig
+
+    def save(self, path) -> Path:
+        """Write the fitted detector to one .safetensors file (no pickled objects)."""
+        return save_detector(self, path)
+
+    @classmethod
+    def load(cls, path) -> "PFMDetector":
+        """Read a detector saved by ``save``; ValueError for a corrupt or foreign file."""
+        return load_detector(cls, path)
+
     def _require_fitted(self) -> None:
         if not self.is_fitted:
             raise RuntimeError("the detector is not fitted yet: call fit() with good reference images first")
@@ -194,7 +203,7 @@ class PFMDetector(nn.Module):
         cat = lambda parts: [torch.cat([p[l] for p in parts]) for l in range(len(parts[0]))]
         return cat(parts_s), cat(parts_t)
 
-    def _net_inputs(self, level: int, flat_s: torch.Tensor, flat_t: torch.Tensor,
+    def _net_inputs(self, flat_s: torch.Tensor, flat_t: torch.Tensor,
                     positions: torch.Tensor | None, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the position encoding (if configured) to the vectors entering the nets."""
         if not self.config.position_encoding:
@@ -206,38 +215,49 @@ class PFMDetector(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def _train(self, src: _Levels, tgt: _Levels, steps: int, seed: int,
-               progress: Progress | None = None) -> nn.ModuleList:
-        """Fit fresh mapping nets on cached features; returns them in eval mode."""
+    def _train(self, phases: list[tuple[_Levels, _Levels, int]], seed: int,
+               progress: Progress | None = None, between: Callable[[nn.ModuleList], None] | None = None
+               ) -> nn.ModuleList:
+        """Fit fresh mapping nets on cached features, phase after phase, one cosine schedule.
+
+        phases: (source levels, target levels, steps) each; ``between(mappings)`` is called (in
+        eval mode) after every phase but the last. Returns the nets in eval mode.
+        """
         cfg = self.config
-        torch.manual_seed(seed)
-        mappings = self._new_mappings()
-        mappings.train()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            mappings = self._new_mappings()
         generator = torch.Generator().manual_seed(seed)
+        total = sum(steps for _, _, steps in phases)
         optimiser = torch.optim.Adam(mappings.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=cfg.lr, total_steps=steps,
-                                                       pct_start=0.1)
-        started = time.perf_counter()
-        for step in range(steps):
-            loss = 0.0
-            for level, net in enumerate(mappings):
-                n = src.flat[level].shape[0]
-                idx = torch.randint(n, (min(cfg.batch, n),), generator=generator)
-                s, t = src.flat[level][idx], tgt.flat[level][idx]
-                h, w = src.shapes[level]
-                s_in, t_in = self._net_inputs(level, s, t, idx % (h * w), (h, w))
-                loss = loss + mapping_error(net, s, t, s_in, t_in).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            if progress and step % 10 == 0:
-                progress(step / steps, f"training mapping networks ({step}/{steps})")
-            if time.perf_counter() - started > cfg.max_train_seconds:
-                log.warning("training stopped at step %d/%d: max_train_seconds=%.0f reached",
-                            step + 1, steps, cfg.max_train_seconds)
-                break
-        return mappings.eval()
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
+        started, done = time.perf_counter(), 0
+        for phase, (src, tgt, steps) in enumerate(phases):
+            mappings.train()
+            for _ in range(steps):
+                loss = 0.0
+                for level, net in enumerate(mappings):
+                    n = src.flat[level].shape[0]
+                    idx = torch.randint(n, (min(cfg.batch, n),), generator=generator)
+                    s, t = src.flat[level][idx], tgt.flat[level][idx]
+                    h, w = src.shapes[level]
+                    s_in, t_in = self._net_inputs(s, t, idx % (h * w), (h, w))
+                    loss = loss + mapping_error(net, s, t, s_in, t_in).mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                done += 1
+                if progress and done % 10 == 0:
+                    progress(done / total, f"training mapping networks ({done}/{total} steps)")
+                if time.perf_counter() - started > cfg.max_train_seconds:
+                    log.warning("training stopped at step %d/%d: max_train_seconds=%.0f reached",
+                                done, total, cfg.max_train_seconds)
+                    break
+            mappings.eval()
+            if between is not None and phase < len(phases) - 1:
+                between(mappings)
+        return mappings
 
     # ------------------------------------------------------------------ scoring
 
@@ -254,7 +274,7 @@ class PFMDetector(nn.Module):
             s = fs.permute(0, 2, 3, 1).reshape(B * h * w, -1)              # (B*h*w, C_S)
             t = ft.permute(0, 2, 3, 1).reshape(B * h * w, -1)              # (B*h*w, C_T)
             positions = torch.arange(h * w).repeat(B)
-            s_in, t_in = self._net_inputs(level, s, t, positions, (h, w))
+            s_in, t_in = self._net_inputs(s, t, positions, (h, w))
             err = mapping_error(net, s, t, s_in, t_in).reshape(B, 1, h, w)
             total = total + F.interpolate(err, size=(S, S), mode="bilinear", align_corners=False)
         maps = total[:, 0] / len(mappings)
@@ -278,61 +298,41 @@ class PFMDetector(nn.Module):
         started = time.perf_counter()
         report = _stage(progress)
         pil = [load_image(im, name=f"reference {i + 1}") for i, im in enumerate(images)]
-        refs = to_tensor(pil, cfg.image_size, cfg.autocontrast)                             # (k, 3, S, S)
+        refs = to_tensor(pil, cfg.image_size)                             # (k, 3, S, S)
         n_views = max(1, math.ceil(cfg.views / k))
         views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))
         feats_s, feats_t = self._features(views, report(0.0, 0.3))
         src, tgt = _Levels(feats_s), _Levels(feats_t)
 
-        mappings = self._train(src, tgt, cfg.steps, cfg.seed, report(0.3, 0.75))
-        calibration = self._calibrate(refs, feats_s, feats_t, n_views, report(0.75, 1.0))
+        held_out = _held_out(k, cfg.seed)                                 # (k,) bool
+        calibration: list[torch.Tensor] = []
+
+        def score_held_out(mappings: nn.ModuleList) -> None:
+            originals = held_out.repeat_interleave(n_views) & (torch.arange(len(views)) % n_views == 0)
+            maps = self._maps([f[originals] for f in feats_s], [f[originals] for f in feats_t], mappings)
+            calibration.append(self._scores(maps))
+
+        if held_out.any():
+            kept = (~held_out).repeat_interleave(n_views)
+            first = round(cfg.steps * cfg.holdout_steps)
+            phases = [(_Levels([f[kept] for f in feats_s]), _Levels([f[kept] for f in feats_t]), first),
+                      (_Levels(feats_s), _Levels(feats_t), cfg.steps - first)]
+        else:
+            phases = [(_Levels(feats_s), _Levels(feats_t), cfg.steps)]
+        mappings = self._train(phases, cfg.seed, report(0.3, 0.95), between=score_held_out)
+        if not calibration:  # a single reference: score fresh augmented views of it instead
+            fresh = augment(refs, 9, cfg, torch.Generator().manual_seed(cfg.seed + 1))[1:]
+            maps = self._maps(*self._features(fresh), mappings)
+            calibration.append(self._scores(maps) * (1.0 + cfg.single_reference_margin))
         self.mappings = mappings
-        self.calibration_scores = calibration
-        self._threshold = self._threshold_from(calibration)
+        self.calibration_scores = calibration[0]
+        self._threshold = self.calibration_scores.max() * (1.0 + cfg.threshold_margin)
         seconds = time.perf_counter() - started
         if progress:
             progress(1.0, "done")
         log.info("fitted on %d references (%d views) in %.1f s, threshold %.4f",
                  k, views.shape[0], seconds, float(self._threshold))
         return FitReport(k, views.shape[0], seconds, float(self._threshold), cfg.steps)
-
-    def _calibrate(self, refs: torch.Tensor, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor],
-                   n_views: int, progress: Progress | None) -> torch.Tensor:
-        """Out-of-sample image scores of the references -> (k,) (or (n_views - 1,) for k = 1).
-
-        Each reference is scored by mapping nets trained without it (two folds); with a single
-        reference, its held-out augmented views are scored by nets trained on the others.
-        """
-        cfg = self.config
-        k = refs.shape[0]
-        steps = max(1, round(cfg.steps * cfg.calibration_steps))
-        owner = torch.arange(k).repeat_interleave(n_views)                # reference of each view
-        if k == 1:
-            halves = torch.arange(n_views) % 2                            # split the views instead
-            held = [halves == f for f in range(2)]
-        else:
-            ids = torch.arange(k) % 2
-            held = [ids[owner] == f for f in range(2)]
-        scores = []
-        for f in range(2):
-            train = ~held[f]
-            src = _Levels([x[train] for x in feats_s])
-            tgt = _Levels([x[train] for x in feats_t])
-            fold = _sub(progress, f / 2, (f + 1) / 2)
-            nets = self._train(src, tgt, steps, cfg.seed + 1 + f, fold)
-            if k == 1:
-                test = held[f]
-            else:
-                test = held[f] & (torch.arange(len(owner)) % n_views == 0)  # the original images
-            maps = self._maps([x[test] for x in feats_s], [x[test] for x in feats_t], nets)
-            scores.append(self._scores(maps))
-        return torch.cat(scores)
-
-    def _threshold_from(self, scores: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        top = torch.quantile(scores, cfg.threshold_quantile)
-        spread = scores.max() - scores.min() if len(scores) > 1 else scores.max() * 0.0
-        return top + cfg.threshold_margin * torch.maximum(spread, 0.1 * top)
 
     @torch.inference_mode()
     def anomaly_maps(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +342,7 @@ class PFMDetector(nn.Module):
         return self._maps_of(pil)
 
     def _maps_of(self, pil: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        x = to_tensor(pil, self.config.image_size, self.config.autocontrast)
+        x = to_tensor(pil, self.config.image_size)
         maps = self._maps(*self._features(x))
         return maps.numpy().astype(np.float32), self._scores(maps).numpy()
 
@@ -370,6 +370,14 @@ class PFMDetector(nn.Module):
             out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)),
                                   bool(score > thr), thr))
         return out[0] if single else out
+
+
+def _held_out(k: int, seed: int) -> torch.Tensor:
+    """Which of k references calibrate the threshold: ceil(k / 3) of them, none for k = 1."""
+    mask = torch.zeros(k, dtype=torch.bool)
+    if k > 1:
+        mask[torch.randperm(k, generator=torch.Generator().manual_seed(seed))[:math.ceil(k / 3)]] = True
+    return mask
 
 
 def _sub(progress: Progress | None, start: float, end: float) -> Progress | None:

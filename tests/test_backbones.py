@@ -1,0 +1,74 @@
+"""The default backbones carry real ImageNet weights, mapped onto timm correctly."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import data
+
+from anomaly.backbones import (BACKBONE_PAIRS, WeightsUnavailableError, build_effnet_lite_classifier,
+                               load_pair, map_effnet_checkpoint)
+
+
+def _classify(model, image: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    with torch.inference_mode():
+        return model((x - 0.5) / 0.5).softmax(-1)[0]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1"])
+def test_effnet_lite_weights_classify_photos_like_imagenet(name):
+    model = build_effnet_lite_classifier(name)
+    coffee = _classify(model, data.coffee())
+    assert coffee.argmax().item() == 967          # espresso
+    assert coffee.max().item() > 0.5
+    cat = _classify(model, data.chelsea())
+    assert 281 <= cat.argmax().item() <= 285       # a domestic cat class
+
+
+def test_checkpoint_mapping_rejects_shape_mismatch():
+    target = {"a.weight": torch.zeros(3, 4), "b.weight": torch.zeros(5)}
+    good = {"_x.weight": torch.ones(3, 4), "_y.weight": torch.ones(5)}
+    assert set(map_effnet_checkpoint(good, target)) == {"a.weight", "b.weight"}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        map_effnet_checkpoint({"_x.weight": torch.ones(4, 3), "_y.weight": torch.ones(5)}, target)
+    with pytest.raises(ValueError, match="tensors"):
+        map_effnet_checkpoint({"_x.weight": torch.ones(3, 4)}, target)
+
+
+def test_default_pair_gives_three_unit_norm_levels_at_strides_4_8_16():
+    source, target = load_pair("effnet-lite")
+    x = torch.rand(2, 3, 128, 96)
+    for extractor in (source, target):
+        feats = extractor(x)
+        assert [f.shape[2:] for f in feats] == [(32, 24), (16, 12), (8, 6)]
+        assert [f.shape[1] for f in feats] == extractor.channels
+        for f in feats:
+            assert torch.allclose(f.norm(dim=1), torch.ones(1), atol=1e-4)
+
+
+def test_pairs_are_shared_not_reloaded():
+    assert load_pair("effnet-lite")[0] is load_pair("effnet-lite")[0]
+
+
+def test_unknown_pair_is_a_clear_error():
+    with pytest.raises(ValueError, match="choose one of"):
+        load_pair("vgg")
+
+
+def test_resnet_pair_without_weights_says_where_to_put_them(monkeypatch, tmp_path):
+    """No internet here: torchvision's download fails and the error names the cache file."""
+    import torch.hub
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    from anomaly import backbones
+    backbones._load.cache_clear()
+    try:
+        extractor = backbones.load_extractor("resnet18")
+    except WeightsUnavailableError as err:
+        assert "resnet18" in str(err) and str(tmp_path) in str(err)
+    else:  # a machine with internet downloaded real weights: they must classify like ImageNet
+        assert extractor.channels == [64, 128, 256]
+    finally:
+        backbones._load.cache_clear()
+    assert "resnet34-resnet50" in BACKBONE_PAIRS

@@ -1,0 +1,128 @@
+"""The detector fitted on real good photos: shapes, verdicts, calibration, persistence, errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly import DetectorConfig, PFMDetector, Prediction
+from anomaly.detector import MAX_REFERENCES, augment
+from conftest import category_files
+
+SMALL = dict(steps=60, views=16)
+
+
+@pytest.fixture(scope="module")
+def bottle(data_dir):
+    refs = category_files(data_dir, "bottle", "train/good", 4)
+    det = PFMDetector(DetectorConfig(**SMALL))
+    calls = []
+    report = det.fit(refs, progress=lambda f, m: calls.append((f, m)))
+    return det, report, calls
+
+
+def test_fit_reports_progress_and_calibrates(bottle):
+    det, report, calls = bottle
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {"extracting features"} <= {m for _, m in calls}
+    assert report.n_references == 4 and det.is_fitted
+    assert len(det.calibration_scores) == 2                     # ceil(4 / 3) held-out references
+    assert det.threshold > float(det.calibration_scores.max())
+    lo, hi = det.score_range
+    assert lo < det.threshold < hi
+
+
+def test_defects_score_above_good_parts(bottle, data_dir):
+    det, _, _ = bottle
+    good = det.predict(category_files(data_dir, "bottle", "test/good", 6))
+    bad = det.predict(category_files(data_dir, "bottle", "test/broken_large", 6))
+    assert min(p.pred_score for p in bad) > np.median([p.pred_score for p in good])
+    assert sum(p.verdict == "DEFECT" for p in bad) >= 5
+    assert sum(p.verdict == "OK" for p in good) >= 4
+
+
+def test_prediction_fields(bottle, data_dir):
+    det, _, _ = bottle
+    path = category_files(data_dir, "magnetic_tile", "test/good", 1)[0]
+    pred = det.predict(path)
+    assert isinstance(pred, Prediction)
+    from PIL import Image
+    w, h = Image.open(path).size
+    assert pred.anomaly_map.shape == (h, w) and pred.anomaly_map.dtype == np.float32
+    assert 0.0 <= pred.norm_score <= 1.0
+    assert (pred.norm_score > 0.5) == pred.pred_label == (pred.pred_score > pred.threshold)
+    assert pred.pred_score == pytest.approx(float(det.predict(path, resolution="model").anomaly_map.max()))
+    assert det.predict(path, resolution="model").anomaly_map.shape == (256, 256)
+    assert det.predict([]) == []
+
+
+def test_save_load_round_trip_gives_same_scores(bottle, data_dir, tmp_path):
+    det, _, _ = bottle
+    path = det.save(tmp_path / "bottle.safetensors")
+    loaded = PFMDetector.load(path)
+    images = category_files(data_dir, "bottle", "test/contamination", 3)
+    for a, b in zip(det.predict(images), loaded.predict(images)):
+        assert a.pred_score == pytest.approx(b.pred_score, rel=1e-6)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5, atol=1e-7)
+    assert loaded.threshold == pytest.approx(det.threshold)
+    assert loaded.config == det.config
+
+
+def test_same_seed_same_detector(data_dir):
+    refs = category_files(data_dir, "bottle", "train/good", 2)
+    image = category_files(data_dir, "bottle", "test/broken_small", 1)
+    scores = []
+    for _ in range(2):
+        det = PFMDetector(DetectorConfig(steps=20, views=8, seed=3))
+        det.fit(refs)
+        scores.append((det.threshold, det.predict(image)[0].pred_score))
+    assert scores[0] == scores[1]
+
+
+def test_single_reference_gives_a_usable_threshold(data_dir):
+    det = PFMDetector(DetectorConfig(**SMALL))
+    det.fit(category_files(data_dir, "bottle", "train/good", 1))
+    assert len(det.calibration_scores) == 8 and np.isfinite(det.threshold)
+    bad = det.predict(category_files(data_dir, "bottle", "test/broken_large", 4))
+    assert sum(p.pred_label for p in bad) >= 3
+
+
+def test_errors_are_clear():
+    det = PFMDetector(DetectorConfig(**SMALL))
+    with pytest.raises(RuntimeError, match="fit"):
+        det.predict(np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError, match="between 1 and"):
+        det.fit([])
+    with pytest.raises(ValueError, match="between 1 and"):
+        det.fit([np.zeros((32, 32), np.uint8)] * (MAX_REFERENCES + 1))
+    with pytest.raises(ValueError, match="reference 2"):
+        det.fit([np.zeros((32, 32), np.uint8), b"not an image"])
+    assert not det.is_fitted
+    with pytest.raises(ValueError, match="image_size"):
+        DetectorConfig(image_size=100)
+    with pytest.raises(ValueError, match="backbone"):
+        DetectorConfig(backbone="nope")
+
+
+def test_failed_fit_keeps_the_previous_model(bottle):
+    det, _, _ = bottle
+    before = det.threshold
+    with pytest.raises(ValueError):
+        det.fit([b"garbage"])
+    assert det.threshold == before
+
+
+def test_augment_keeps_originals_and_varies_the_rest():
+    images = torch.rand(2, 3, 64, 64)
+    views = augment(images, 4, DetectorConfig(), torch.Generator().manual_seed(0))
+    assert views.shape == (8, 3, 64, 64)
+    assert torch.allclose(views[0], images[0], atol=1e-5)
+    assert torch.allclose(views[4], images[1], atol=1e-5)
+    assert not torch.allclose(views[1], images[0], atol=1e-2)
+
+
+def test_core_package_does_not_import_gradio():
+    code = "import sys, anomaly, anomaly.detector; assert 'gradio' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
