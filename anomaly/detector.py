@@ -48,7 +48,8 @@ class DetectorConfig:
     batch: int = 256                    # feature vectors per level per step
     lr: float = 1e-2
     weight_decay: float = 1e-5
-    max_train_seconds: float = 20.0     # hard cap on optimisation time
+    max_train_seconds: float = 60.0     # safety cap on optimisation time (seeded runs are
+                                        # reproducible while it is not reached)
     sigma: float = 8.0                  # Gaussian smoothing of the map, in pixels at 256 px
     holdout_steps: float = 0.6          # steps before the held-out references join training
     threshold_margin: float = 0.05      # threshold = max held-out score * (1 + margin)
@@ -73,7 +74,7 @@ class FitReport:
     n_views: int
     seconds: float
     threshold: float
-    steps: int
+    steps: int                          # optimiser steps actually done
 
 
 @dataclass
@@ -217,11 +218,12 @@ class PFMDetector(nn.Module):
 
     def _train(self, phases: list[tuple[_Levels, _Levels, int]], seed: int,
                progress: Progress | None = None, between: Callable[[nn.ModuleList], None] | None = None
-               ) -> nn.ModuleList:
+               ) -> tuple[nn.ModuleList, int]:
         """Fit fresh mapping nets on cached features, phase after phase, one cosine schedule.
 
         phases: (source levels, target levels, steps) each; ``between(mappings)`` is called (in
-        eval mode) after every phase but the last. Returns the nets in eval mode.
+        eval mode) after every phase but the last. Returns the nets in eval mode and the number
+        of steps done.
         """
         cfg = self.config
         with torch.random.fork_rng():
@@ -231,10 +233,10 @@ class PFMDetector(nn.Module):
         total = sum(steps for _, _, steps in phases)
         optimiser = torch.optim.Adam(mappings.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
-        started, done = time.perf_counter(), 0
+        started, done, out_of_time = time.perf_counter(), 0, False
         for phase, (src, tgt, steps) in enumerate(phases):
             mappings.train()
-            for _ in range(steps):
+            for _ in range(0 if out_of_time else steps):
                 loss = 0.0
                 for level, net in enumerate(mappings):
                     n = src.flat[level].shape[0]
@@ -253,11 +255,12 @@ class PFMDetector(nn.Module):
                 if time.perf_counter() - started > cfg.max_train_seconds:
                     log.warning("training stopped at step %d/%d: max_train_seconds=%.0f reached",
                                 done, total, cfg.max_train_seconds)
+                    out_of_time = True
                     break
             mappings.eval()
             if between is not None and phase < len(phases) - 1:
                 between(mappings)
-        return mappings
+        return mappings, done
 
     # ------------------------------------------------------------------ scoring
 
@@ -319,7 +322,7 @@ class PFMDetector(nn.Module):
                       (_Levels(feats_s), _Levels(feats_t), cfg.steps - first)]
         else:
             phases = [(_Levels(feats_s), _Levels(feats_t), cfg.steps)]
-        mappings = self._train(phases, cfg.seed, report(0.3, 0.95), between=score_held_out)
+        mappings, steps_done = self._train(phases, cfg.seed, report(0.3, 0.95), between=score_held_out)
         if not calibration:  # a single reference: score fresh augmented views of it instead
             fresh = augment(refs, 9, cfg, torch.Generator().manual_seed(cfg.seed + 1))[1:]
             maps = self._maps(*self._features(fresh), mappings)
@@ -332,7 +335,7 @@ class PFMDetector(nn.Module):
             progress(1.0, "done")
         log.info("fitted on %d references (%d views) in %.1f s, threshold %.4f",
                  k, views.shape[0], seconds, float(self._threshold))
-        return FitReport(k, views.shape[0], seconds, float(self._threshold), cfg.steps)
+        return FitReport(k, views.shape[0], seconds, float(self._threshold), steps_done)
 
     @torch.inference_mode()
     def anomaly_maps(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
