@@ -1,0 +1,144 @@
+"""Detector files are data, not code: crafted or damaged files are refused with a clear error."""
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from anomaly import DetectorConfig, PFMDetector
+
+TINY = DetectorConfig(steps=5, views=4)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    det = PFMDetector(TINY)
+    rng = np.random.default_rng(0)
+    det.fit([rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)])
+    path = det.save(tmp_path_factory.mktemp("model") / "det.safetensors")
+    return det, path
+
+
+def _header(path):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _write(path, header, body):
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+    return path
+
+
+def test_round_trip_keeps_config_threshold_and_calibration(saved):
+    det, path = saved
+    loaded = PFMDetector.load(path)
+    assert loaded.config == det.config
+    assert loaded.threshold == det.threshold
+    assert torch.equal(loaded.calibration_scores, det.calibration_scores)
+    header, _ = _header(path)
+    meta = header["__metadata__"]
+    assert meta["format_version"] == "1" and meta["source_backbone"] == "efficientnet_lite0"
+
+
+def test_saving_an_unfitted_detector_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="fit"):
+        PFMDetector(TINY).save(tmp_path / "x.safetensors")
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/pwned_by_detector_file', 'w').write('x')",))
+
+
+def test_pickle_with_payload_is_not_executed(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps({"weights": Payload()}))
+    with pytest.raises(ValueError, match="not a detector file"):
+        PFMDetector.load(path)
+    import os
+    assert not os.path.exists("/tmp/pwned_by_detector_file")
+
+
+def test_torch_save_file_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match="not a detector file"):
+        PFMDetector.load(path)
+
+
+@pytest.mark.parametrize("cut", [0, 4, 8, 100, -10])
+def test_truncated_files(saved, tmp_path, cut):
+    _, path = saved
+    data = path.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(ValueError):
+        PFMDetector.load(bad)
+
+
+def test_huge_header_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(ValueError, match="header"):
+        PFMDetector.load(path)
+
+
+def test_foreign_safetensors_file(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a detector file saved by this tool"):
+        PFMDetector.load(path)
+
+
+def test_wrong_tensor_shape(saved, tmp_path):
+    det, _ = saved
+    tensors = {k: v.clone() for k, v in det.state_dict().items()}
+    key = next(k for k in tensors if k.endswith("shared.weight"))
+    tensors[key] = torch.zeros(3, 3)
+    meta = {"format": "pfm-anomaly-detector", "format_version": "1",
+            "config": json.dumps(__import__("dataclasses").asdict(det.config))}
+    path = tmp_path / "shape.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="shape"):
+        PFMDetector.load(path)
+
+
+CONFIG_ATTACKS = [
+    ({"steps": "200"}, "must be int"),
+    ({"steps": True}, "must be int"),
+    ({"backbone": ["effnet-lite"]}, "must be str"),
+    ({"__class__": "os.system"}, "unknown fields"),
+    ({"image_size": 100}, "image_size"),
+]
+
+
+@pytest.mark.parametrize("change,message", CONFIG_ATTACKS)
+def test_config_with_unexpected_types(saved, tmp_path, change, message):
+    _, path = saved
+    header, body = _header(path)
+    config = json.loads(header["__metadata__"]["config"])
+    config.update(change)
+    header["__metadata__"]["config"] = json.dumps(config)
+    with pytest.raises(ValueError, match=message):
+        PFMDetector.load(_write(tmp_path / "cfg.safetensors", header, body))
+
+
+def test_config_that_is_not_json(saved, tmp_path):
+    _, path = saved
+    header, body = _header(path)
+    header["__metadata__"]["config"] = "{not json"
+    with pytest.raises(ValueError, match="JSON"):
+        PFMDetector.load(_write(tmp_path / "bad.safetensors", header, body))
+
+
+def test_future_format_version(saved, tmp_path):
+    _, path = saved
+    header, body = _header(path)
+    header["__metadata__"]["format_version"] = "99"
+    with pytest.raises(ValueError, match="version"):
+        PFMDetector.load(_write(tmp_path / "v99.safetensors", header, body))
