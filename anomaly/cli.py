@@ -1,0 +1,283 @@
+"""Command line: ``python -m anomaly <command> ...``. Only this module prints.
+
+    python -m anomaly evaluate DIR [DIR ...] --shots 1 4 8 --seeds 0 1 2 --json out.json
+    python -m anomaly fit REF [REF ...] -o model.safetensors
+    python -m anomaly predict model.safetensors IMAGE [IMAGE ...] [--out DIR] [--csv FILE]
+
+Each subcommand is an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
+function that does the work; add a command by writing both and listing it in ``COMMANDS``.
+Results go to stdout, progress to stderr; bad input exits with code 2 and a one-line error.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .backbones import BACKBONE_PAIRS, WeightsUnavailableError
+from .datasets import IMAGE_EXTENSIONS, discover, list_images, reference_paths
+from .detector import DetectorConfig, PFMDetector
+from .evaluate import evaluate_category, format_table
+from .image_io import load_image
+from .postprocess import normalize
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("evaluate", help="few-shot evaluation on folders in the MVTec AD layout",
+                       description="Fit on sorted(train/good)[seed*k:(seed+1)*k] for every "
+                                   "shots k and seed, score test/, print a table of means.")
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                   help="category folders (train/good, test/good, test/<defect>, ground_truth/)")
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 4, 8], help="default: 1 4 8")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                   help="reference slices, also the detector's training seed; default: 0 1 2")
+    p.add_argument("--json", type=Path, help="write the rows (one per run) here, after each run")
+    p.add_argument("--batch-size", type=int, default=16, help="images per map computation")
+    _add_config_arguments(p)
+    return p
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.json:
+        _check_output_path(args.json)
+    if min(args.seeds) < 0:
+        raise ValueError(f"--seeds {min(args.seeds)}; seeds must be 0 or more")
+    categories = [discover(d) for d in args.dirs]
+    for category in categories:  # fail before hours of work, not in the middle
+        for shots in args.shots:
+            reference_paths(category, shots, max(args.seeds))
+    runs = [(c, k, s) for c in categories for k in args.shots for s in args.seeds]
+    rows = []
+    for i, (category, shots, seed) in enumerate(runs, start=1):
+        _err(f"[{i}/{len(runs)}] {category.name} shots={shots} seed={seed} ...", end="")
+        start = time.perf_counter()
+        try:
+            row = evaluate_category(category, shots, seed, config, batch_size=args.batch_size)
+        except Exception:
+            _err(" failed")
+            raise
+        rows.append(row)
+        metrics = " ".join(f"{k}={_fmt(row[k])}" for k in
+                           ("image_auroc", "pixel_auroc", "aupro", "f1_max"))
+        _err(f" {metrics} ({time.perf_counter() - start:.0f} s)")
+        if args.json:
+            _write_json(args.json, rows)
+    print(format_table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------- fit
+
+
+def _add_fit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("fit", help="fit a detector on good reference images and save it",
+                       description="Fit on good images (files, or folders of images) and write "
+                                   "the detector, with its calibrated threshold, to one file.")
+    p.add_argument("refs", nargs="+", type=Path, metavar="REF",
+                   help=f"good image files or folders of them ({', '.join(IMAGE_EXTENSIONS)})")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL",
+                   help="where to write the detector (.safetensors)")
+    p.add_argument("--seed", type=int, default=DetectorConfig.seed, help="training seed")
+    _add_config_arguments(p)
+    return p
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    config = _config(args, seed=args.seed)
+    _check_output_path(args.output)
+    images = _expand_images(args.refs)
+    detector = PFMDetector(config)
+    _err(f"fitting on {len(images)} good images ({config.backbone}, {config.image_size} px)")
+    report = detector.fit(images, progress=_progress_printer())
+    path = detector.save(args.output)
+    lo, hi = detector.score_range
+    print(f"fitted on {report.n_references} images in {report.seconds:.1f} s; "
+          f"threshold {report.threshold:.4g} (score range {lo:.4g} to {hi:.4g}); saved {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("predict", help="score images with a saved detector",
+                       description="Print one line per image: name, raw score, normalised "
+                                   "score (threshold = 0.5) and verdict (OK or DEFECT).")
+    p.add_argument("model", type=Path, help="a detector file written by 'fit'")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                   help="image files or folders of them")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write a heatmap overlay <name>_overlay.png per image here")
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="decision threshold in raw score units; default: the calibrated one")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="also write the results as CSV")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    return p
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from . import viz                       # matplotlib: imported only when it is needed
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha {args.alpha}; allowed range is [0, 1]")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise ValueError(f"--threshold {args.threshold}; must be a finite number")
+    if args.csv:
+        _check_output_path(args.csv)
+    images = _expand_images(args.images)
+    detector = PFMDetector.load(args.model)
+    threshold = detector.threshold if args.threshold is None else args.threshold
+    lo, hi = viz.colour_range(threshold, *detector.score_range)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    rows, failed, used_names = [], 0, set()
+    for path in images:
+        try:
+            image = load_image(path)
+        except ValueError as err:
+            _err(f"error: {err}")
+            failed += 1
+            continue
+        pred = detector.predict(image)
+        defect = pred.pred_score > threshold
+        norm = normalize(pred.pred_score, threshold, lo, hi)
+        verdict = "DEFECT" if defect else "OK"
+        print(f"{path.name}\t{pred.pred_score:.4f}\t{norm:.3f}\t{verdict}", flush=True)
+        rows.append({"image": str(path), "score": pred.pred_score, "norm_score": norm,
+                     "verdict": verdict, "threshold": threshold})
+        if args.out:
+            overlay = viz.heatmap_overlay(image, pred.anomaly_map, threshold, lo, hi, args.alpha)
+            overlay.save(args.out / _unique_name(f"{path.stem}_overlay", used_names))
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", "score", "norm_score", "verdict",
+                                                   "threshold"])
+            writer.writeheader()
+            writer.writerows(rows)
+    if failed:
+        _err(f"error: {failed} of {len(images)} images could not be read")
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------- wiring
+
+COMMANDS = {
+    "evaluate": (_add_evaluate, _run_evaluate),
+    "fit": (_add_fit, _run_fit),
+    "predict": (_add_predict, _run_predict),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m anomaly",
+                                     description="Few-shot visual anomaly detection (PFM).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add, run) in COMMANDS.items():
+        add(sub).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]) and run the command -> exit code: 2 on bad input,
+    1 when backbone weights are unavailable offline."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+    except WeightsUnavailableError as err:
+        parser.exit(1, f"error: {err}\n")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Detector options shared by the commands that build a detector."""
+    defaults = DetectorConfig()
+    p.add_argument("--backbone", default=defaults.backbone, choices=sorted(BACKBONE_PAIRS),
+                   help=f"backbone pair; default: {defaults.backbone}")
+    p.add_argument("--image-size", type=int, default=defaults.image_size,
+                   help=f"model resolution in px, a multiple of 16; default: {defaults.image_size}")
+    p.add_argument("--steps", type=int, default=defaults.steps,
+                   help=f"training steps; fewer is faster and rougher; default: {defaults.steps}")
+    p.add_argument("--views", type=int, default=defaults.views,
+                   help=f"augmented training views in all; default: {defaults.views}")
+
+
+def _config(args: argparse.Namespace, seed: int = DetectorConfig.seed) -> DetectorConfig:
+    return DetectorConfig(backbone=args.backbone, image_size=args.image_size, steps=args.steps,
+                          views=args.views, seed=seed)
+
+
+def _expand_images(paths: Sequence[Path]) -> list[Path]:
+    """Files as given, folders -> their image files (sorted); ValueError for anything else."""
+    images = []
+    for path in paths:
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            images.extend(found)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    return images
+
+
+def _check_output_path(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name")
+
+
+def _progress_printer():
+    """A fit progress callback that prints a line to stderr per 10 % and per new stage."""
+    last = {"decile": -1, "stage": None}
+
+    def report(fraction: float, message: str) -> None:
+        decile, stage = int(fraction * 10), message.split(" (")[0]
+        if decile != last["decile"] or stage != last["stage"]:
+            _err(f"[{fraction:4.0%}] {message}")
+            last.update(decile=decile, stage=stage)
+    return report
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    """``stem``.png, or ``stem``_2.png, ... when an earlier image had the same name."""
+    name, n = f"{stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}.png"
+    used.add(name)
+    return name
+
+
+def _write_json(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _err(text: str, end: str = "\n") -> None:
+    print(text, end=end, file=sys.stderr, flush=True)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
