@@ -37,6 +37,8 @@ class DetectorConfig:
 
     backbone: str = DEFAULT_PAIR        # key of anomaly.backbones.BACKBONE_PAIRS
     image_size: int = 256               # images are resized (no crop) to image_size^2
+    resize: str = "stretch"             # "stretch" to a square, or "pad": keep the aspect ratio
+                                        # and mirror-pad (see README: non-square images)
     latent_ratio: float = 1.0           # latent width c = max(min_latent, ratio * max(C_S, C_T))
     min_latent: int = 48
     position_encoding: bool = False     # PEFM: add a 2-D sinusoidal encoding to the net inputs
@@ -64,6 +66,8 @@ class DetectorConfig:
         for name in ("views", "steps", "batch", "min_latent"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resize not in ("stretch", "pad"):
+            raise ValueError(f"resize must be 'stretch' or 'pad', got {self.resize!r}")
         if not 0.0 < self.holdout_steps < 1.0:
             raise ValueError(f"holdout_steps {self.holdout_steps} must be in (0, 1)")
 
@@ -93,10 +97,27 @@ class Prediction:
         return "DEFECT" if self.pred_label else "OK"
 
 
-def to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """RGB PIL images -> (B, 3, size, size) float in [0, 1] (bilinear, antialiased resize)."""
-    arrays = [np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+def to_tensor(images: Sequence[Image.Image], size: int, resize: str = "stretch"
+              ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """RGB PIL images -> ((B, 3, size, size) float in [0, 1], content (h, w) of each).
+
+    "stretch" resizes every image to size x size (content = the whole square); "pad" keeps the
+    aspect ratio (longer side = size) and fills the rest by mirroring the image, content at
+    the top left.
+    """
+    arrays, content = [], []
+    for im in images:
+        im = im.convert("RGB")
+        if resize == "pad":
+            scale = size / max(im.width, im.height)
+            w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+            small = np.asarray(im.resize((w, h), Image.BILINEAR))
+            arrays.append(np.pad(small, ((0, size - h), (0, size - w), (0, 0)), mode="symmetric"))
+            content.append((h, w))
+        else:
+            arrays.append(np.asarray(im.resize((size, size), Image.BILINEAR)))
+            content.append((size, size))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0), content
 
 
 def augment(images: torch.Tensor, n_views: int, cfg: DetectorConfig, generator: torch.Generator) -> torch.Tensor:
@@ -301,7 +322,7 @@ class PFMDetector(nn.Module):
         started = time.perf_counter()
         report = _stage(progress)
         pil = [load_image(im, name=f"reference {i + 1}") for i, im in enumerate(images)]
-        refs = to_tensor(pil, cfg.image_size)                             # (k, 3, S, S)
+        refs, _ = to_tensor(pil, cfg.image_size, cfg.resize)                             # (k, 3, S, S)
         n_views = max(1, math.ceil(cfg.views / k))
         views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))
         feats_s, feats_t = self._features(views, report(0.0, 0.3))
@@ -345,8 +366,13 @@ class PFMDetector(nn.Module):
         return self._maps_of(pil)
 
     def _maps_of(self, pil: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        x = to_tensor(pil, self.config.image_size)
+        """PIL images -> (maps (N, S, S) over each image's content, scores (N,))."""
+        S = self.config.image_size
+        x, content = to_tensor(pil, S, self.config.resize)
         maps = self._maps(*self._features(x))
+        if self.config.resize == "pad":   # crop the mirrored margin, stretch the content to S x S
+            maps = torch.cat([F.interpolate(m[None, None, :h, :w], size=(S, S), mode="bilinear",
+                                            align_corners=False)[0] for m, (h, w) in zip(maps, content)])
         return maps.numpy().astype(np.float32), self._scores(maps).numpy()
 
     def predict(self, images: ImageLike | Sequence[ImageLike], resolution: str = "input"):

@@ -126,3 +126,24 @@ def test_augment_keeps_originals_and_varies_the_rest():
 def test_core_package_does_not_import_gradio():
     code = "import sys, anomaly, anomaly.detector; assert 'gradio' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pad_mode_keeps_aspect_ratio_and_scores_only_the_content():
+    from PIL import Image
+    from anomaly.detector import to_tensor
+    wide = Image.fromarray(np.tile(np.arange(200, dtype=np.uint8), (50, 1)))      # 200 x 50
+    x, content = to_tensor([wide], 64, "pad")
+    assert x.shape == (1, 3, 64, 64) and content == [(16, 64)]
+    assert torch.allclose(x[0, :, 16:32], x[0, :, 0:16].flip(1))                  # mirrored margin
+    _, content = to_tensor([wide], 64, "stretch")
+    assert content == [(64, 64)]
+
+
+def test_pad_mode_end_to_end(data_dir):
+    det = PFMDetector(DetectorConfig(steps=20, views=8, resize="pad"))
+    det.fit(category_files(data_dir, "magnetic_tile", "train/good", 2))
+    path = category_files(data_dir, "magnetic_tile", "test/uneven", 2)[1]
+    pred = det.predict(path)
+    from PIL import Image
+    assert pred.anomaly_map.shape == Image.open(path).size[::-1]
+    assert det.predict(path, resolution="model").anomaly_map.shape == (256, 256)
