@@ -3,6 +3,7 @@
     python -m anomaly evaluate DIR [DIR ...] --shots 1 4 8 --seeds 0 1 2 --json out.json
     python -m anomaly fit REF [REF ...] -o model.safetensors
     python -m anomaly predict model.safetensors IMAGE [IMAGE ...] [--out DIR] [--csv FILE]
+    python -m anomaly bench [DIR ...] --shots 1 4 8 --seeds 0 1 2 --json out.json   (repo only)
 
 Each subcommand is an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
 function that does the work; add a command by writing both and listing it in ``COMMANDS``.
@@ -133,8 +134,8 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--threshold {args.threshold}; must be a finite number")
     if args.csv:
         _check_output_path(args.csv)
-    images = _expand_images(args.images)
     detector = PFMDetector.load(args.model)
+    images = _expand_images(args.images)
     threshold = detector.threshold if args.threshold is None else args.threshold
     lo, hi = viz.colour_range(threshold, *detector.score_range)
     if args.out:
@@ -169,12 +170,38 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- bench
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmark PFM against kNN, PatchCore and PaDiM (repository "
+                                     "checkout only: bench/, requirements-bench.txt)")
+    try:  # bench/ is a top-level folder of the repository, not part of the installed app
+        from bench.cli import add_arguments
+    except ImportError:
+        return p
+    add_arguments(p)
+    return p
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    try:
+        from bench.cli import run
+    except ImportError as err:
+        _err(f"error: the benchmark lives in the repository's bench/ folder ({err}); run "
+             "'python -m anomaly bench' from the repository root, after "
+             "'pip install --no-deps -r requirements-bench.txt'")
+        return 1
+    return run(args)
+
+
 # ---------------------------------------------------------------------------- wiring
 
 COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "fit": (_add_fit, _run_fit),
     "predict": (_add_predict, _run_predict),
+    "bench": (_add_bench, _run_bench),
 }
 
 
