@@ -1,0 +1,479 @@
+"""One visitor's inspection session: references, detector, results and marks, without any UI.
+
+``app.py`` keeps one ``InspectionSession`` per browser tab (in a ``gr.State``) and every Gradio
+handler is a thin call into a method here, so the whole workflow can be tested without a
+browser:
+
+    s = InspectionSession()
+    s.set_references(["good1.png", "good2.png"])
+    s.fit()
+    s.inspect([("test.png", "test.png")])
+    s.set_threshold(0.9); s.table()         # verdicts redrawn from the stored maps
+
+Images are shrunk to at most ``WORK_SIDE`` px on the longer side when they enter the session;
+that copy is what is scored, shown and exported, which bounds the memory of a session
+(``MAX_REFERENCES`` + ``MAX_RESULTS`` images). Anomaly maps are kept at the model's resolution
+(S x S), so moving the threshold never recomputes them. Methods that can fail on user input
+raise ``ValueError`` (or ``RuntimeError`` from the core) with a message meant for the user, and
+leave the session as it was.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass, fields
+from functools import wraps
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .backbones import DEFAULT_PAIR
+from .detector import MAX_REFERENCES as CORE_MAX_REFERENCES
+from .detector import DetectorConfig, FitReport, PFMDetector
+from .image_io import ImageLike, load_image
+from .postprocess import auroc, best_threshold, binary_mask, normalize
+from .viz import colour_range, heatmap_overlay, mask_image, roc_figure, score_plot
+
+Progress = Callable[[float, str], None]
+
+MAX_REFERENCES = min(64, CORE_MAX_REFERENCES)   # good images per session (uploaded + marked good)
+MAX_TEST_BATCH = 50                             # test images per inspection
+MAX_RESULTS = 50                                # results kept per session; the oldest go first
+WORK_SIDE = 768                                 # longer side of the images a session keeps
+THUMB_SIDE = 224                                # longer side of gallery thumbnails
+CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
+
+
+def detector_config(backbone: str = DEFAULT_PAIR) -> DetectorConfig:
+    """The config the app fits with: defaults, plus overrides from $ANOMALY_APP_CONFIG (JSON)."""
+    overrides = json.loads(os.environ.get(CONFIG_ENV) or "{}")
+    known = {f.name for f in fields(DetectorConfig)}
+    if not isinstance(overrides, dict) or set(overrides) - known:
+        raise ValueError(f"${CONFIG_ENV} must be a JSON object with keys from {sorted(known)}, "
+                         f"got {overrides!r}")
+    return DetectorConfig(**{**overrides, "backbone": backbone})
+
+
+def shrink(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
+    """A copy of ``image`` whose longer side is at most ``side`` px (aspect ratio kept)."""
+    out = image.copy()
+    out.thumbnail((side, side), Image.BILINEAR)
+    return out
+
+
+def _locked(method):
+    """Run a method that changes the session under the session's lock (one change at a time)."""
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+@dataclass
+class Reference:
+    name: str
+    image: Image.Image              # RGB, longer side <= WORK_SIDE
+
+
+@dataclass
+class Result:
+    """One scored test image; ``label`` is the user's mark (True defect, False good, None)."""
+
+    key: str                        # where it came from (upload path), to skip re-uploads
+    name: str
+    image: Image.Image              # RGB, longer side <= WORK_SIDE
+    anomaly_map: np.ndarray         # (S, S) float32, raw score units, model resolution
+    score: float                    # raw image score = max of the map
+    label: bool | None = None
+
+
+@dataclass
+class LabelSummary:
+    n_good: int
+    n_defect: int
+    auroc: float
+    best_threshold: float
+
+
+class InspectionSession:
+    """Everything one visitor has: references, a detector, results, marks and a threshold."""
+
+    def __init__(self) -> None:
+        self.references: list[Reference] = []
+        self.detector: PFMDetector | None = None
+        self.fit_report: FitReport | None = None
+        self.loaded_from_file = False
+        self.results: list[Result] = []
+        self.threshold: float | None = None
+        self.selected: int | None = None      # index into self.results
+        self._photos = 0
+        self._tmp: Path | None = None
+        self._lock = threading.RLock()    # a tab can fire a fit and an inspection at once
+
+    # ------------------------------------------------------------------ references
+
+    @_locked
+    def set_references(self, paths: Sequence[str | Path]) -> list[str]:
+        """Replace the uploaded references by these files; returns messages about skipped ones."""
+        paths = list(paths or [])
+        if len(paths) > MAX_REFERENCES:
+            raise ValueError(f"{len(paths)} reference images uploaded; the limit is {MAX_REFERENCES}. "
+                             f"Remove some (a dozen good images is usually plenty).")
+        references, problems = [], []
+        for path in paths:
+            name = Path(path).name
+            try:
+                references.append(Reference(name, shrink(load_image(path, name=name))))
+            except ValueError as err:
+                problems.append(f"skipped {err}")
+        self.references = references
+        return problems
+
+    @property
+    def marked_good(self) -> list[Result]:
+        return [r for r in self.results if r.label is False]
+
+    def training_images(self) -> list[Image.Image]:
+        """What a fit learns from: the uploaded references and the results marked good."""
+        return [r.image for r in self.references] + [r.image for r in self.marked_good]
+
+    def reference_gallery(self) -> list[tuple[Image.Image, str]]:
+        """(thumbnail, caption) of every training image, uploaded ones first."""
+        items = [(shrink(r.image, THUMB_SIDE), r.name) for r in self.references]
+        items += [(shrink(r.image, THUMB_SIDE), f"{r.name} (marked good)") for r in self.marked_good]
+        return items
+
+    # ------------------------------------------------------------------ fitting
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.detector is not None
+
+    @_locked
+    def fit(self, backbone: str = DEFAULT_PAIR, progress: Progress | None = None) -> FitReport:
+        """Fit a new detector on ``training_images()`` and rescore the results with it."""
+        images = self.training_images()
+        if not images:
+            raise ValueError("Add at least one good reference image (step 1) before fitting.")
+        if len(images) > MAX_REFERENCES:
+            raise ValueError(f"{len(images)} good images; the limit is {MAX_REFERENCES}. "
+                             f"Remove some references or unmark some results.")
+        detector = PFMDetector(detector_config(backbone))
+        share = 0.9 if self.results else 1.0
+        report = detector.fit(images, _scaled(progress, 0.0, share))
+        self._adopt(detector, _scaled(progress, share, 1.0))
+        self.fit_report, self.loaded_from_file = report, False
+        return report
+
+    @_locked
+    def load_detector(self, path: str | Path) -> None:
+        """Use a detector file saved earlier (``save_detector``) instead of fitting."""
+        detector = PFMDetector.load(path)
+        self._adopt(detector)
+        self.fit_report, self.loaded_from_file = None, True
+
+    def save_detector(self) -> Path:
+        """Write the fitted detector to this session's folder -> the .safetensors path."""
+        self._require_detector()
+        return self.detector.save(self._folder() / "detector.safetensors")
+
+    def _adopt(self, detector: PFMDetector, progress: Progress | None = None) -> None:
+        """Make ``detector`` current: rescore every result, threshold back to calibrated."""
+        scored = _score(detector, [r.image for r in self.results], progress)
+        for result, (amap, score) in zip(self.results, scored):
+            result.anomaly_map, result.score = amap, score
+        self.detector = detector
+        self.threshold = detector.threshold
+
+    def _require_detector(self) -> None:
+        if self.detector is None:
+            raise ValueError("No detector yet: fit one on good images (step 1) or load a saved "
+                             "detector file first.")
+
+    # ------------------------------------------------------------------ inspecting
+
+    @_locked
+    def inspect(self, items: Sequence[tuple[str, ImageLike]], progress: Progress | None = None
+                ) -> tuple[int, list[str]]:
+        """Score (key, image) pairs not seen before -> (number scored, messages about the rest).
+
+        ``key`` is the upload's path (its file name names the result). The new results are
+        appended; beyond MAX_RESULTS the oldest are dropped.
+        """
+        self._require_detector()
+        items = list(items or [])
+        if not items:
+            raise ValueError("Add one or more test images first.")
+        if len(items) > MAX_TEST_BATCH:
+            raise ValueError(f"{len(items)} test images at once; the limit is {MAX_TEST_BATCH} per "
+                             f"batch. Inspect them in smaller batches.")
+        seen = {r.key for r in self.results}
+        names = {r.name for r in self.results}
+        fresh, problems = [], []
+        for key, src in items:
+            if str(key) in seen:
+                continue
+            name = _unique(Path(str(key)).name, names)
+            try:
+                image = shrink(load_image(src, name=name))
+            except ValueError as err:
+                problems.append(f"skipped {err}")
+                continue
+            seen.add(str(key))
+            names.add(name)
+            fresh.append((str(key), name, image))
+        if not fresh:
+            return 0, problems
+        scored = _score(self.detector, [image for _, _, image in fresh], progress)
+        new = [Result(key, name, image, amap, score)
+               for (key, name, image), (amap, score) in zip(fresh, scored)]
+        self.results.extend(new)
+        dropped = len(self.results) - MAX_RESULTS
+        if dropped > 0:
+            self.results = self.results[dropped:]
+            problems.append(f"only the last {MAX_RESULTS} results are kept; the {dropped} oldest "
+                            f"were removed")
+        self.selected = self.results.index(max(new, key=lambda r: r.score))
+        return len(new), problems
+
+    def next_photo_key(self) -> str:
+        """A name for a pasted or webcam photo, which has no file name of its own."""
+        self._photos += 1
+        return f"photo_{self._photos}.png"
+
+    @_locked
+    def clear_results(self) -> None:
+        if self.marked_good:
+            raise ValueError("Some results are marked good and are part of the references; "
+                             "clear their marks first (that refits the detector).")
+        self.results, self.selected = [], None
+
+    # ------------------------------------------------------------------ threshold and verdicts
+
+    @property
+    def calibrated_threshold(self) -> float:
+        self._require_detector()
+        return self.detector.threshold
+
+    def set_threshold(self, value: float) -> None:
+        self._require_detector()
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"threshold must be a number >= 0, got {value}")
+        self.threshold = value
+
+    def reset_threshold(self) -> float:
+        self.threshold = self.calibrated_threshold
+        return self.threshold
+
+    def threshold_range(self) -> tuple[float, float, float]:
+        """(minimum, maximum, step) for a threshold slider covering every score in the session."""
+        self._require_detector()
+        lo, hi = self.detector.score_range
+        values = [lo, hi, self.threshold, *self.detector.calibration_scores.tolist(),
+                  *(r.score for r in self.results)]
+        top = max(values) * 1.05
+        bottom = max(0.0, min(values) * 0.9)
+        step = 10.0 ** math.floor(math.log10(max(top - bottom, 1e-9) / 500))
+        return (math.floor(bottom / step) * step, math.ceil(top / step) * step, step)
+
+    def _norm_args(self) -> tuple[float, float, float]:
+        return (self.threshold, *colour_range(self.threshold, *self.detector.score_range))
+
+    def norm_score(self, result: Result) -> float:
+        """The result's score on the 0-1 scale where the current threshold is 0.5."""
+        return float(normalize(result.score, *self._norm_args()))
+
+    def is_defect(self, result: Result) -> bool:
+        return result.score > self.threshold
+
+    def verdict(self, result: Result) -> str:
+        return "DEFECT" if self.is_defect(result) else "OK"
+
+    def order(self) -> list[int]:
+        """Result indices, highest score first."""
+        return sorted(range(len(self.results)), key=lambda i: -self.results[i].score)
+
+    def counts(self) -> tuple[int, int]:
+        """(number of DEFECT, number of OK) results at the current threshold."""
+        defects = sum(self.is_defect(r) for r in self.results)
+        return defects, len(self.results) - defects
+
+    def table(self) -> list[list]:
+        """Rows [image, verdict, score, score 0-1, your mark], highest score first."""
+        return [[r.name, self.verdict(r), round(r.score, 4), round(self.norm_score(r), 3),
+                 _mark_text(r.label)] for r in (self.results[i] for i in self.order())]
+
+    def overlay(self, result: Result, alpha: float = 0.5, outline: bool = True,
+                side: int | None = None) -> Image.Image:
+        """The result's photo (optionally shrunk to ``side``) with heatmap and threshold outline."""
+        image = result.image if side is None else shrink(result.image, side)
+        lo, hi = self.detector.score_range
+        return heatmap_overlay(image, result.anomaly_map, self.threshold, lo, hi, alpha, outline)
+
+    def result_map(self, result: Result) -> np.ndarray:
+        """(H, W) float32 anomaly map at the size of the result's (kept) image."""
+        amap = result.anomaly_map
+        size = result.image.size
+        if amap.shape == (size[1], size[0]):
+            return amap
+        return np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR), dtype=np.float32)
+
+    def area_above(self, result: Result) -> float:
+        """Fraction of the image whose map value is above the threshold."""
+        return float(binary_mask(result.anomaly_map, self.threshold).mean())
+
+    def score_figure(self):
+        """Reference and test scores with the threshold line (matplotlib Figure)."""
+        self._require_detector()
+        labels = [r.label for r in self.results]
+        return score_plot(self.detector.calibration_scores.numpy(), [r.score for r in self.results],
+                          self.threshold, labels if any(x is not None for x in labels) else None)
+
+    # ------------------------------------------------------------------ feedback
+
+    def select(self, index: int) -> Result:
+        if not 0 <= index < len(self.results):
+            raise ValueError(f"no result number {index}; there are {len(self.results)}")
+        self.selected = index
+        return self.results[index]
+
+    def select_name(self, name: str) -> Result:
+        for i, result in enumerate(self.results):
+            if result.name == name:
+                return self.select(i)
+        raise ValueError(f"no result named {name!r}")
+
+    @_locked
+    def mark(self, index: int, label: bool | None, backbone: str | None = None,
+             progress: Progress | None = None) -> FitReport | None:
+        """Mark result ``index`` good (False), defect (True) or unmarked (None).
+
+        Marking good adds the image to the references, and taking that mark away removes it;
+        both refit the detector (-> its FitReport). If the refit fails the mark is undone.
+        """
+        result = self.select(index)
+        old = result.label
+        if (old is False) == (label is False):
+            result.label = label
+            return None
+        if self.loaded_from_file and not self.references:
+            raise ValueError("This detector was loaded from a file, which does not contain its "
+                             "reference images. Upload the good reference images in step 1 first, "
+                             "then mark images as good.")
+        result.label = label
+        try:
+            return self.fit(backbone or self.detector.config.backbone, progress)
+        except Exception:
+            result.label = old
+            raise
+
+    def label_summary(self) -> LabelSummary | None:
+        """AUROC and the best threshold over the marked results; None unless both kinds are marked."""
+        marked = [r for r in self.results if r.label is not None]
+        n_defect = sum(bool(r.label) for r in marked)
+        if not marked or n_defect in (0, len(marked)):
+            return None
+        scores = [r.score for r in marked]
+        labels = [bool(r.label) for r in marked]
+        return LabelSummary(len(marked) - n_defect, n_defect, auroc(scores, labels),
+                            best_threshold(scores, labels))
+
+    def roc(self):
+        """ROC curve of the marked results (matplotlib Figure); needs both kinds marked."""
+        marked = [r for r in self.results if r.label is not None]
+        return roc_figure([r.score for r in marked], [bool(r.label) for r in marked])
+
+    # ------------------------------------------------------------------ export
+
+    def export_zip(self) -> Path:
+        """ZIP of per image ``<name>_overlay.png``, ``_mask.png``, ``_map.npy`` and results.csv.
+
+        Maps and masks are at the size of the kept image (longer side <= WORK_SIDE); the CSV
+        lists file name, score, normalised score, verdict, threshold and the user's mark.
+        """
+        self._require_detector()
+        if not self.results:
+            raise ValueError("Nothing to export yet: inspect some test images first.")
+        path = self._folder() / "inspection_results.zip"
+        table = io.StringIO()
+        writer = csv.writer(table)
+        writer.writerow(["file", "score", "normalised_score", "verdict", "threshold", "mark"])
+        stems: set[str] = set()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            for i in self.order():
+                r = self.results[i]
+                stem = _unique(Path(r.name).stem, stems)      # a.png and a.jpg both exist
+                stems.add(stem)
+                amap = self.result_map(r)
+                archive.writestr(f"{stem}_overlay.png", _png(self.overlay(r)))
+                archive.writestr(f"{stem}_mask.png", _png(mask_image(amap, self.threshold)))
+                buffer = io.BytesIO()
+                np.save(buffer, amap)
+                archive.writestr(f"{stem}_map.npy", buffer.getvalue())
+                writer.writerow([r.name, f"{r.score:.6g}", f"{self.norm_score(r):.4f}",
+                                 self.verdict(r), f"{self.threshold:.6g}", _mark_text(r.label)])
+            archive.writestr("results.csv", table.getvalue())
+        return path
+
+    def _folder(self) -> Path:
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="anomaly-session-"))
+        return self._tmp
+
+    @_locked
+    def close(self) -> None:
+        """Free everything (called when the visitor's session ends)."""
+        self.references, self.results, self.detector = [], [], None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _score(detector: PFMDetector, images: list[Image.Image], progress: Progress | None = None,
+           chunk: int = 8) -> list[tuple[np.ndarray, float]]:
+    """Images -> [(map (S, S) float32, score)], ``chunk`` images per forward pass."""
+    out = []
+    for start in range(0, len(images), chunk):
+        if progress:
+            progress(start / len(images), f"scoring image {start + 1} of {len(images)}")
+        preds = detector.predict(images[start:start + chunk], resolution="model")
+        out += [(p.anomaly_map, p.pred_score) for p in preds]
+    return out
+
+
+def _scaled(progress: Progress | None, start: float, end: float) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (end - start) * fraction, message)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or ``stem (2).ext``, ``stem (3).ext``... if already taken."""
+    if name not in taken:
+        return name
+    stem, suffix = Path(name).stem, Path(name).suffix
+    n = 2
+    while f"{stem} ({n}){suffix}" in taken:
+        n += 1
+    return f"{stem} ({n}){suffix}"
+
+
+def _mark_text(label: bool | None) -> str:
+    return {None: "", False: "good", True: "defect"}[label]
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,511 @@
+"""Gradio app: fit an anomaly detector on a few good photos, then inspect test photos.
+
+    python app.py                          # http://127.0.0.1:7860
+    python app.py --host 0.0.0.0 --port 8080   # or $ANOMALY_HOST / $ANOMALY_PORT
+
+A thin UI over ``anomaly/``: every handler calls one method of ``anomaly.session.
+InspectionSession`` (kept per browser tab in a ``gr.State``) and turns its ``ValueError`` /
+``RuntimeError`` into a ``gr.Error`` message. Drawing lives in ``anomaly.viz``.
+"""
+import argparse
+import functools
+import logging
+import os
+import threading
+
+import gradio as gr
+from PIL import ImageOps
+
+from anomaly import BACKBONE_PAIRS, WeightsUnavailableError
+from anomaly.backbones import DEFAULT_PAIR, load_pair
+from anomaly.examples import EXAMPLES_DIR, example_sets
+from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
+from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, THUMB_SIDE, WORK_SIDE,
+                             InspectionSession)
+
+log = logging.getLogger("app")
+
+SESSION_TTL_S = 2 * 3600        # a session's data is freed this long after its last change
+FIT_CONCURRENCY = 1             # fits (and refits) run one at a time, in their own queue ...
+PREDICT_CONCURRENCY = 2         # ... so they never block the inspections of other visitors
+BACKBONE_LABELS = {
+    "effnet-lite": "EfficientNet-Lite (default: fast, works offline)",
+    "resnet34-resnet50": "ResNet34 → ResNet50 (the paper's pair; needs downloaded weights)",
+    "resnet18-resnet34": "ResNet18 → ResNet34 (needs downloaded weights)",
+}
+LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test images per batch "
+          f"(the last {MAX_RESULTS} results are kept), {MAX_FILE_BYTES // 2**20} MB and "
+          f"{MAX_PIXELS // 10**6} megapixels per image. Larger photos are shrunk to "
+          f"{WORK_SIDE} px on the longer side before scoring.")
+VERDICT_COLOURS = {"DEFECT": (214, 39, 40), "OK": (44, 160, 44)}   # as in the score plot
+CSS = """
+.step-title h2 {margin-bottom: 0}
+#results-summary p {font-size: 1.1em}
+"""
+
+
+# --------------------------------------------------------------------------- handler plumbing
+
+def user_errors(fn):
+    """Show the session's ValueError / RuntimeError as a gr.Error; hide anything unexpected."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except WeightsUnavailableError as err:
+            raise gr.Error(f"This feature extractor is not available here: {err}",
+                           title="Weights not available", print_exception=False) from None
+        except (ValueError, RuntimeError) as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error("Something went wrong on the server. Your detector and results are "
+                           "unchanged; please try again.", print_exception=False) from None
+    return wrapper
+
+
+def warn(messages):
+    for message in messages:
+        gr.Warning(message)
+
+
+def existing(session):
+    """The visitor's session; a gr.Error when it is gone (expired) or never started."""
+    if session is None or not session.is_fitted:
+        raise gr.Error("No detector yet: fit one on good images (step 1) or load a saved "
+                       "detector file first.", print_exception=False)
+    return session
+
+
+def as_progress(progress):
+    """gr.Progress -> the core's progress(fraction, message) callback."""
+    return lambda fraction, message: progress(fraction, desc=message)
+
+
+def paths(files):
+    """Value of a gr.File(file_count="multiple") -> list of file paths."""
+    return [str(f) for f in (files or [])]
+
+
+# --------------------------------------------------------------------------- views
+
+def reference_views(s):
+    """(gallery, count text) of the training images."""
+    items = s.reference_gallery()
+    n = len(items)
+    text = (f"**{n} good image{'s' * (n != 1)}** ready (limit {MAX_REFERENCES})." if n else
+            "No good images yet. Upload a few photos of parts **without** defects.")
+    return items, text
+
+
+def fit_text(s):
+    if not s.is_fitted:
+        return "Not fitted yet."
+    lo, hi = s.detector.calibration_scores.min().item(), s.detector.calibration_scores.max().item()
+    backbone = BACKBONE_LABELS.get(s.detector.config.backbone, s.detector.config.backbone)
+    if s.fit_report is None:
+        head = "**Detector loaded from file.**"
+    else:
+        r = s.fit_report
+        head = (f"**Fitted on {r.n_references} good image{'s' * (r.n_references != 1)} "
+                f"in {r.seconds:.1f} s.**")
+    return (f"{head} Calibrated threshold: **{s.calibrated_threshold:.4g}** (good images scored "
+            f"{lo:.4g} – {hi:.4g}; a test image scoring above the threshold is flagged DEFECT). "
+            f"Feature extractor: {backbone}.")
+
+
+def threshold_slider(s):
+    lo, hi, step = s.threshold_range()
+    return gr.Slider(minimum=lo, maximum=hi, step=step, value=s.threshold, interactive=True)
+
+
+def framed(image, verdict):
+    """A gallery thumbnail with a frame in the verdict's colour (red DEFECT, green OK)."""
+    return ImageOps.expand(image, border=max(4, image.width // 32), fill=VERDICT_COLOURS[verdict])
+
+
+def render(s, alpha, outline):
+    """Everything in step 3 and 4 drawn from the stored maps at the current threshold."""
+    if s is None or not s.is_fitted:
+        return ("No results yet.", [], [], gr.Dropdown(choices=[], value=None), None,
+                "", None, "", gr.Plot(value=None, visible=False))
+    order = s.order()
+    if s.results:
+        defects, oks = s.counts()
+        summary = (f"**{len(s.results)} image{'s' * (len(s.results) != 1)}: {defects} DEFECT, "
+                   f"{oks} OK** at threshold {s.threshold:.4g}.")
+    else:
+        summary = "Fitted. Now add test images (step 2)."
+    gallery = [(framed(s.overlay(s.results[i], alpha, outline, side=THUMB_SIDE), s.verdict(s.results[i])),
+                f"{s.verdict(s.results[i])} {s.norm_score(s.results[i]):.2f} · {s.results[i].name}")
+               for i in order]
+    names = [s.results[i].name for i in order]
+    current = s.results[s.selected] if s.selected is not None and s.results else None
+    selector = gr.Dropdown(choices=names, value=current.name if current else None)
+    if current is not None:
+        detail = (current.image, s.overlay(current, alpha, outline))
+        mark = {None: "You have not marked it.", False: "You marked it good.",
+                True: "You marked it defect."}[current.label]
+        detail_text = (f"**{current.name}: {s.verdict(current)}**. Score {current.score:.4g} "
+                       f"({s.norm_score(current):.2f} on the 0–1 scale where the threshold is 0.5); "
+                       f"{100 * s.area_above(current):.1f} % of the image is above the threshold "
+                       f"(magenta outline). {mark}")
+    else:
+        detail, detail_text = None, ""
+    labels = s.label_summary()
+    if labels is None:
+        labels_text = ("Mark at least one image good and one defective to see how well the scores "
+                       "separate them.")
+        roc = gr.Plot(value=None, visible=False)
+    else:
+        labels_text = (f"On the {labels.n_good + labels.n_defect} marked images ({labels.n_good} "
+                       f"good, {labels.n_defect} defect): **AUROC {labels.auroc:.3f}** (1.0 = the "
+                       f"scores separate them perfectly). The threshold that separates them best "
+                       f"is **{labels.best_threshold:.4g}**. Images marked good are references "
+                       f"now, so their scores are optimistic.")
+        roc = gr.Plot(value=s.roc(), visible=True)
+    return (summary, s.table(), gallery, selector, detail, detail_text, s.score_figure(),
+            labels_text, roc)
+
+
+# --------------------------------------------------------------------------- handlers
+
+@user_errors
+def set_references(session, files):
+    s = session or InspectionSession()
+    warn(s.set_references(paths(files)))
+    return (s, *reference_views(s))
+
+
+@user_errors
+def fit(session, backbone, alpha, outline, progress=gr.Progress()):
+    s = session or InspectionSession()
+    s.fit(backbone, as_progress(progress))
+    return (s, fit_text(s), threshold_slider(s), *reference_views(s), *render(s, alpha, outline))
+
+
+@user_errors
+def inspect_files(session, files, alpha, outline, progress=gr.Progress()):
+    s = existing(session)
+    items = [(p, p) for p in paths(files)]
+    _, problems = s.inspect(items, as_progress(progress))
+    warn(problems)
+    return (threshold_slider(s), *render(s, alpha, outline))
+
+
+@user_errors
+def inspect_photo(session, photo, alpha, outline):
+    if photo is None:
+        return (gr.skip(),) * (1 + len(VIEW))
+    s = existing(session)
+    _, problems = s.inspect([(s.next_photo_key(), photo)])
+    warn(problems)
+    return (threshold_slider(s), *render(s, alpha, outline))
+
+
+@user_errors
+def clear_results(session, alpha, outline):
+    s = existing(session)
+    s.clear_results()
+    return (threshold_slider(s), *render(s, alpha, outline))
+
+
+@user_errors
+def set_threshold(session, value, alpha, outline):
+    s = existing(session)
+    s.set_threshold(value)
+    return render(s, alpha, outline)
+
+
+@user_errors
+def reset_threshold(session, alpha, outline):
+    s = existing(session)
+    s.reset_threshold()
+    return (threshold_slider(s), *render(s, alpha, outline))
+
+
+@user_errors
+def use_suggested_threshold(session, alpha, outline):
+    s = existing(session)
+    labels = s.label_summary()
+    if labels is None:
+        raise gr.Error("Mark at least one image good and one defective first.", print_exception=False)
+    s.set_threshold(labels.best_threshold)
+    return (threshold_slider(s), *render(s, alpha, outline))
+
+
+@user_errors
+def redraw(session, alpha, outline):
+    if session is None or not session.is_fitted:
+        return (gr.skip(),) * len(VIEW)
+    return render(session, alpha, outline)
+
+
+@user_errors
+def select_from_gallery(session, alpha, outline, evt: gr.SelectData):
+    s = existing(session)
+    s.select(s.order()[evt.index])
+    return render(s, alpha, outline)
+
+
+@user_errors
+def select_by_name(session, name, alpha, outline):
+    s = existing(session)
+    if name:
+        s.select_name(name)
+    return render(s, alpha, outline)
+
+
+def mark_handler(label):
+    @user_errors
+    def mark(session, name, alpha, outline, progress=gr.Progress()):
+        s = existing(session)
+        if not name:
+            raise gr.Error("Select a result first (click it in the gallery).", print_exception=False)
+        s.select_name(name)
+        s.mark(s.selected, label, progress=as_progress(progress))
+        return (fit_text(s), threshold_slider(s), *reference_views(s), *render(s, alpha, outline))
+    mark.__name__ = {False: "mark_good", True: "mark_defect", None: "clear_mark"}[label]
+    return mark
+
+
+@user_errors
+def save_detector(session):
+    return str(existing(session).save_detector())
+
+
+@user_errors
+def load_detector(session, file, alpha, outline):
+    if not file:
+        return (gr.skip(),) * (3 + len(VIEW))
+    s = session or InspectionSession()
+    s.load_detector(str(file))
+    return (s, fit_text(s), threshold_slider(s), *render(s, alpha, outline))
+
+
+@user_errors
+def export_zip(session):
+    return str(existing(session).export_zip())
+
+
+@user_errors
+def load_example(session, name):
+    sets = example_sets()
+    if name not in sets:
+        raise gr.Error(f"No example set named {name!r}; choose one of {sorted(sets)}.",
+                       print_exception=False)
+    references, tests = sets[name]
+    s = session or InspectionSession()
+    warn(s.set_references(references))
+    return (s, [str(p) for p in references], [str(p) for p in tests], *reference_views(s))
+
+
+def reveal():
+    return gr.File(visible=True)
+
+
+def free_session(session):
+    if session is not None:
+        session.close()
+
+
+# --------------------------------------------------------------------------- layout
+
+with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as demo:
+    state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=free_session)
+
+    gr.Markdown(
+        "# Find defects from a few good examples\n"
+        "Show the tool a few photos of **good** parts. It learns what normal looks like, then "
+        "marks anything unusual in new photos: a heatmap (red = unusual), a score and an "
+        "**OK / DEFECT** verdict. No photos of defects are needed, and it runs on a CPU.")
+    with gr.Row(equal_height=True):
+        example_names = list(example_sets())
+        example_choice = gr.Dropdown(example_names, value=example_names[0] if example_names else None,
+                                     label="New here? Try an example set", scale=2,
+                                     elem_id="example-choice")
+        example_btn = gr.Button("Load example and run it", scale=1, elem_id="example-btn")
+
+    gr.Markdown("## 1 · Good images", elem_classes="step-title")
+    with gr.Row():
+        with gr.Column(scale=1):
+            ref_files = gr.File(label="Drop several photos of good parts here (remove with ×)",
+                                file_count="multiple", file_types=["image"], height=220,
+                                elem_id="ref-files")
+            backbone = gr.Dropdown([(BACKBONE_LABELS.get(k, k), k) for k in BACKBONE_PAIRS],
+                                   value=DEFAULT_PAIR, label="Feature extractor",
+                                   elem_id="backbone")
+            fit_btn = gr.Button("Fit detector on these good images", variant="primary",
+                                elem_id="fit-btn")
+        with gr.Column(scale=2):
+            ref_count = gr.Markdown("No good images yet. Upload a few photos of parts "
+                                    "**without** defects.", elem_id="ref-count")
+            ref_gallery = gr.Gallery(label="Good images", columns=6, height=220,
+                                     allow_preview=False, interactive=False, elem_id="ref-gallery")
+    fit_md = gr.Markdown("Not fitted yet.", elem_id="fit-summary")
+    with gr.Accordion("Continue with a detector saved earlier", open=False):
+        detector_upload = gr.File(label="Detector file (.safetensors, from step 5)",
+                                  file_types=[".safetensors"], elem_id="detector-upload")
+
+    gr.Markdown("## 2 · Test images", elem_classes="step-title")
+    with gr.Row():
+        test_files = gr.File(label="Drop one or many photos to inspect", file_count="multiple",
+                             file_types=["image"], height=180, scale=2, elem_id="test-files")
+        photo = gr.Image(label="…or paste one (Ctrl+V) or take it with the webcam",
+                         sources=["clipboard", "webcam"], type="filepath", image_mode=None,
+                         height=180, scale=1, elem_id="test-photo")
+    with gr.Row():
+        inspect_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-btn")
+        clear_btn = gr.Button("Clear results", elem_id="clear-btn")
+    gr.Markdown(LIMITS, elem_id="limits")
+
+    gr.Markdown("## 3 · Results", elem_classes="step-title")
+    with gr.Row(equal_height=True):
+        threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.001, interactive=False, scale=4,
+                              label="Threshold: images scoring above it are DEFECT",
+                              elem_id="threshold")
+        reset_btn = gr.Button("Back to calibrated threshold", scale=1, elem_id="reset-threshold")
+    summary_md = gr.Markdown("No results yet.", elem_id="results-summary")
+    with gr.Row():
+        with gr.Column(scale=3):
+            results_gallery = gr.Gallery(label="Results, most suspicious first (click one)",
+                                         columns=4, height=380, allow_preview=False,
+                                         interactive=False, elem_id="results-gallery")
+            results_table = gr.Dataframe(headers=["image", "verdict", "score", "score 0-1",
+                                                  "your mark"],
+                                         datatype=["str", "str", "number", "number", "str"],
+                                         interactive=False, label="All results (sorted by score)",
+                                         max_height=300, elem_id="results-table")
+        with gr.Column(scale=4):
+            selector = gr.Dropdown(choices=[], label="Selected image", elem_id="selected-image")
+            detail = gr.ImageSlider(label="Drag the handle: photo ↔ heatmap", type="pil",
+                                    interactive=False, elem_id="detail")
+            detail_md = gr.Markdown(elem_id="detail-text")
+            with gr.Row():
+                alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity",
+                                  elem_id="opacity")
+                outline = gr.Checkbox(value=True, label="Outline the region above the threshold",
+                                      elem_id="outline")
+    gr.Markdown("**Why:** every image's score against the threshold (dashed line). Good images "
+                "(blue) set the calibrated threshold; test images to its right are DEFECT.")
+    score_plot = gr.Plot(show_label=False, elem_id="score-plot")
+
+    gr.Markdown("## 4 · Teach it (optional)", elem_classes="step-title")
+    gr.Markdown("A verdict is wrong? Select the image above and mark it. *Good* adds it to the "
+                "good images and refits the detector; marking some images *defect* as well shows "
+                "how well the scores separate the two and suggests a threshold.")
+    with gr.Row():
+        mark_good_btn = gr.Button("Mark as good (refits)", elem_id="mark-good")
+        mark_defect_btn = gr.Button("Mark as defect", elem_id="mark-defect")
+        unmark_btn = gr.Button("Remove mark", elem_id="unmark")
+        suggest_btn = gr.Button("Use the suggested threshold", elem_id="use-suggested")
+    labels_md = gr.Markdown(elem_id="label-summary")
+    roc_plot = gr.Plot(show_label=False, visible=False, elem_id="roc-plot")
+
+    gr.Markdown("## 5 · Save and export", elem_classes="step-title")
+    with gr.Row():
+        with gr.Column():
+            save_btn = gr.Button("Download the detector (one file, load it in step 1 later)",
+                                 elem_id="save-detector")
+            detector_file = gr.File(label="Detector file", interactive=False, visible=False,
+                                    elem_id="detector-file")
+        with gr.Column():
+            zip_btn = gr.Button("Download results (ZIP: overlays, masks, maps, CSV)",
+                                elem_id="export-zip")
+            zip_file = gr.File(label="Results ZIP", interactive=False, visible=False,
+                               elem_id="zip-file")
+
+    # ----------------------------------------------------------------------- events
+    VIEW = [summary_md, results_table, results_gallery, selector, detail, detail_md, score_plot,
+            labels_md, roc_plot]
+    REFS = [ref_gallery, ref_count]
+    DRAW = [state, alpha, outline]
+    fit_queue = dict(concurrency_limit=FIT_CONCURRENCY, concurrency_id="fit")
+    predict_queue = dict(concurrency_limit=PREDICT_CONCURRENCY, concurrency_id="predict")
+
+    ref_files.upload(set_references, [state, ref_files], [state, *REFS], api_name="set_references")
+    for event in (ref_files.delete, ref_files.clear):
+        event(set_references, [state, ref_files], [state, *REFS], api_visibility="private")
+    fitting = [fit_md, ref_gallery]          # where a fit's progress bar shows
+    fit_btn.click(fit, [state, backbone, alpha, outline], [state, fit_md, threshold, *REFS, *VIEW],
+                  api_name="fit", show_progress_on=fitting, **fit_queue)
+    inspect_args = dict(fn=inspect_files, inputs=[state, test_files, alpha, outline],
+                        outputs=[threshold, *VIEW], show_progress_on=summary_md, **predict_queue)
+    test_files.upload(api_visibility="private", **inspect_args)
+    inspect_btn.click(api_name="inspect", **inspect_args)
+    photo.input(inspect_photo, [state, photo, alpha, outline], [threshold, *VIEW],
+                api_name="inspect_photo", show_progress_on=summary_md, **predict_queue)
+    clear_btn.click(clear_results, DRAW, [threshold, *VIEW], api_name="clear_results")
+
+    threshold.input(set_threshold, [state, threshold, alpha, outline], VIEW,
+                    api_name="set_threshold", trigger_mode="always_last", show_progress="hidden")
+    reset_btn.click(reset_threshold, DRAW, [threshold, *VIEW], api_name="reset_threshold")
+    suggest_btn.click(use_suggested_threshold, DRAW, [threshold, *VIEW],
+                      api_name="use_suggested_threshold")
+    for control in (alpha, outline):
+        control.input(redraw, DRAW, VIEW, api_visibility="private", trigger_mode="always_last",
+                      show_progress="hidden")
+    results_gallery.select(select_from_gallery, DRAW, VIEW, api_visibility="private")
+    selector.input(select_by_name, [state, selector, alpha, outline], VIEW, api_name="select")
+
+    for button, label in ((mark_good_btn, False), (mark_defect_btn, True), (unmark_btn, None)):
+        handler = mark_handler(label)
+        button.click(handler, [state, selector, alpha, outline], [fit_md, threshold, *REFS, *VIEW],
+                     api_name=handler.__name__, show_progress_on=fitting, **fit_queue)
+
+    for button, fn, output in ((save_btn, save_detector, detector_file),
+                               (zip_btn, export_zip, zip_file)):
+        (button.click(fn, [state], [output], api_name=fn.__name__)
+         .success(reveal, None, [output], api_visibility="private", queue=False))
+    detector_upload.upload(load_detector, [state, detector_upload, alpha, outline],
+                           [state, fit_md, threshold, *VIEW], api_name="load_detector",
+                           show_progress_on=fit_md, **fit_queue)
+
+    (example_btn.click(load_example, [state, example_choice], [state, ref_files, test_files, *REFS],
+                       api_name="load_example")
+     .success(fit, [state, backbone, alpha, outline], [state, fit_md, threshold, *REFS, *VIEW],
+              api_visibility="private", show_progress_on=fitting, **fit_queue)
+     .success(api_visibility="private", **inspect_args))
+
+
+# --------------------------------------------------------------------------- launch
+
+def server_address(argv=None, environ=None):
+    """(host, port) from --host/--port, else $ANOMALY_HOST/PORT, else $GRADIO_SERVER_NAME/PORT,
+    else 127.0.0.1:7860 (local only)."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(description="Few-shot visual inspection app (Gradio).")
+    parser.add_argument("--host", help="address to bind; 0.0.0.0 to serve the network "
+                                       "(default: $ANOMALY_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: $ANOMALY_PORT or 7860)")
+    args = parser.parse_args(argv)
+    host = (args.host or environ.get("ANOMALY_HOST") or environ.get("GRADIO_SERVER_NAME")
+            or "127.0.0.1")
+    port = args.port or int(environ.get("ANOMALY_PORT") or environ.get("GRADIO_SERVER_PORT") or 7860)
+    return host, port
+
+
+def launch(host="127.0.0.1", port=7860, **kwargs):
+    """Start the server (queue, limits, allowed paths) -> what ``demo.launch`` returns."""
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES,
+                       allowed_paths=[str(EXAMPLES_DIR)], show_error=False,
+                       theme=gr.themes.Soft(), css=CSS, footer_links=["api"], **kwargs)
+
+
+def preload_backbones():
+    """Load the default feature extractors in the background so the first fit starts at once."""
+    def load():
+        try:
+            load_pair(DEFAULT_PAIR)
+        except Exception:  # the first fit will report it to the user
+            log.exception("preloading the %s backbones failed", DEFAULT_PAIR)
+    threading.Thread(target=load, name="preload-backbones", daemon=True).start()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preload_backbones()
+    launch(*server_address())

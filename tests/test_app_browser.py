@@ -1,0 +1,205 @@
+"""End to end: the real app in a subprocess on a free localhost port, driven by headless Chromium
+(Playwright) like a user, and by gradio_client like a script.
+
+Fits use a small config via $ANOMALY_APP_CONFIG so the whole module runs in a few minutes.
+"""
+import csv
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+import pytest
+
+from anomaly.examples import example_sets
+from anomaly.session import CONFIG_ENV
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+FAST_CONFIG = {"steps": 30, "views": 8, "image_size": 128}
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
+FIT_TIMEOUT_MS = 240_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """URL of `python app.py` running on a free port (stopped after the module)."""
+    port = free_port()
+    env = {**os.environ, CONFIG_ENV: json.dumps(FAST_CONFIG)}
+    env.pop("GRADIO_SERVER_NAME", None)
+    env.pop("GRADIO_SERVER_PORT", None)
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("app.py did not answer within 180 s")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def brick():
+    return example_sets()["brick_wall"]
+
+
+def read_table(page) -> dict[str, list[str]]:
+    """Rows of the results table: image name -> [verdict, score, score 0-1, mark]."""
+    cells = page.evaluate("""() => [...document.querySelectorAll('#results-table [role=gridcell]')]
+        .map(c => [Number(c.dataset.row), Number(c.dataset.col), c.innerText.trim()])""")
+    rows: dict[int, dict[int, str]] = {}
+    for row, col, text in cells:                  # a virtualised grid: cells carry row and column
+        rows.setdefault(row, {})[col] = text
+    return {r[0]: [r.get(c, "") for c in range(1, 5)] for r in rows.values() if r.get(0)}
+
+
+def set_threshold(page, value: float) -> None:
+    """Type a threshold into the slider's number box and wait until the page shows it."""
+    box = page.locator("#threshold input[type=number]")
+    box.fill(f"{value:.4f}")
+    box.press("Enter")
+    page.wait_for_function(
+        "t => document.querySelector('#results-summary').innerText.includes('threshold ' + t)",
+        arg=f"{float(f'{value:.4f}'):.4g}", timeout=60_000)
+
+
+@pytest.mark.browser
+def test_browser_workflow(server, brick, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    defect = next(p for p in brick.tests if p.name == "defect_patch.png")
+    good = next(p for p in brick.tests if p.name == "good_01.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+
+            page.click("#fit-btn")                                    # nothing uploaded yet
+            page.wait_for_selector("text=Add at least one good reference image", timeout=60_000)
+
+            not_an_image = tmp_path / "notes.png"
+            not_an_image.write_text("this is text, not a picture\n")
+            page.locator("#ref-files input[type=file]").set_input_files(
+                [str(p) for p in brick.references] + [str(not_an_image)])
+            page.wait_for_selector("#ref-count :text('8 good images')", timeout=60_000)
+            page.wait_for_selector("text=notes.png: not an image file", timeout=30_000)
+            page.locator("#ref-files td[aria-label='ref_08.png'] ~ td button").click()   # remove
+            page.wait_for_selector("#ref-count :text('7 good images')", timeout=60_000)
+            page.click("#fit-btn")
+            page.wait_for_selector("#fit-summary :text('Fitted on 7 good images')",
+                                   timeout=FIT_TIMEOUT_MS)
+            calibrated = float(page.locator("#threshold input[type=number]").input_value())
+
+            page.locator("#test-files input[type=file]").set_input_files([str(defect), str(good)])
+            page.wait_for_selector("#results-summary :text('2 images')", timeout=120_000)
+            table = read_table(page)
+            assert set(table) == {defect.name, good.name}
+            score = {name: float(row[1]) for name, row in table.items()}
+            for name, (verdict, raw, norm, _) in table.items():
+                assert verdict == ("DEFECT" if float(raw) > calibrated else "OK")
+                assert 0.0 <= float(norm) <= 1.0
+            assert score[defect.name] > score[good.name]
+            page.locator("#test-files input[type=file]").set_input_files([str(not_an_image)])
+            page.wait_for_selector("text=skipped notes.png: not an image file", timeout=60_000)
+            assert read_table(page) == table and "Traceback" not in page.content()
+
+            middle = (score[defect.name] + score[good.name]) / 2
+            set_threshold(page, middle)
+            table = read_table(page)
+            assert (table[defect.name][0], table[good.name][0]) == ("DEFECT", "OK")
+            assert "1 DEFECT, 1 OK" in page.inner_text("#results-summary")
+            set_threshold(page, score[defect.name] * 1.05)          # above both: the defect flips
+            table = read_table(page)
+            assert (table[defect.name][0], table[good.name][0]) == ("OK", "OK")
+            assert [float(row[1]) for row in table.values()] == pytest.approx(
+                [score[n] for n in table], abs=1e-4)                  # scores do not move
+
+            page.click("#export-zip")
+            link = page.locator("#zip-file a").first
+            link.wait_for(timeout=60_000)
+            with page.expect_download() as download:
+                link.click()
+            path = tmp_path / "results.zip"
+            download.value.save_as(path)
+        finally:
+            browser.close()
+
+    archive = zipfile.ZipFile(path)
+    stems = [defect.stem, good.stem]
+    assert set(archive.namelist()) == {"results.csv", *(f"{s}_{kind}" for s in stems
+                                                        for kind in ("overlay.png", "mask.png", "map.npy"))}
+    rows = {row["file"]: row for row in csv.DictReader(io.StringIO(archive.read("results.csv").decode()))}
+    assert {name: row["verdict"] for name, row in rows.items()} == {defect.name: "OK", good.name: "OK"}
+    assert float(rows[defect.name]["score"]) == pytest.approx(score[defect.name], abs=1e-4)
+
+
+def test_gradio_client_sessions_are_separate(server, brick):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    gravel = example_sets()["gravel"]
+    alice, bob = Client(server, verbose=False), Client(server, verbose=False)
+    with pytest.raises(AppError, match="fit one on good images"):
+        bob.predict([handle_file(str(brick.tests[0]))], 0.5, True, api_name="/inspect")
+
+    fitted = {}
+    for client, refs in ((alice, brick.references[:3]), (bob, gravel.references[:4])):
+        _, count = client.predict([handle_file(str(p)) for p in refs], api_name="/set_references")
+        assert count.startswith(f"**{len(refs)} good images**")
+        out = client.predict("effnet-lite", 0.5, True, api_name="/fit")
+        fitted[client] = out[1]["value"]                          # the slider: calibrated
+        assert out[0].startswith(f"**Fitted on {len(refs)} good images")
+    assert fitted[alice] != fitted[bob]                               # each its own threshold
+
+    out = alice.predict([handle_file(str(p)) for p in brick.tests[:2]], 0.5, True, api_name="/inspect")
+    assert out[1].startswith("**2 images:")
+    assert len(out[2]["data"]) == 2
+    summary = bob.predict(fitted[bob], 0.5, True, api_name="/set_threshold")[0]
+    assert summary == "Fitted. Now add test images (step 2)."        # bob has no results
+
+    out = alice.predict(handle_file(str(brick.tests[2])), 0.5, True, api_name="/inspect_photo")
+    assert out[1].startswith("**3 images:") and "photo_1.png" in [row[0] for row in out[2]["data"]]
+    saved = alice.predict(api_name="/save_detector")
+    carol = Client(server, verbose=False)                             # a later visit
+    fit_md = carol.predict(handle_file(saved), 0.5, True, api_name="/load_detector")[0]
+    assert fit_md.startswith("**Detector loaded from file.**")
+    assert carol.predict(api_name="/reset_threshold")[0]["value"] == pytest.approx(fitted[alice])
+
+
+@pytest.mark.parametrize("route", ["gradio_api/file=/etc/passwd", "gradio_api/file=../../etc/passwd",
+                                   "gradio_api/file=app.py", f"gradio_api/file={REPO}/app.py",
+                                   "file=/etc/passwd"])
+def test_server_serves_no_files_outside_its_own(server, route):
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(server + route, timeout=10)
+    assert err.value.code in (403, 404)

@@ -1,0 +1,425 @@
+"""The app's workflow without a browser: anomaly.session (what every Gradio handler calls) on
+real images, plus app.py's own glue checked in a child process.
+
+gradio is never imported into the test process (tests/test_viz.py asserts it is absent), so the
+app-level checks run in a subprocess. Fits use a small config via $ANOMALY_APP_CONFIG.
+"""
+import csv
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly import session as session_module
+from anomaly.examples import example_sets
+from anomaly.detector import DetectorConfig
+from anomaly.session import CONFIG_ENV, InspectionSession, detector_config
+from conftest import REPO, category_files
+
+FAST_CONFIG = {"steps": 30, "views": 8, "image_size": 128}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_fits():
+    """Every fit in this module uses FAST_CONFIG (what a user gets is DetectorConfig())."""
+    old = os.environ.get(CONFIG_ENV)
+    os.environ[CONFIG_ENV] = json.dumps(FAST_CONFIG)
+    yield
+    if old is None:
+        del os.environ[CONFIG_ENV]
+    else:
+        os.environ[CONFIG_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def brick():
+    return example_sets()["brick_wall"]
+
+
+@pytest.fixture(scope="module")
+def fitted(brick):
+    """A session fitted on the brick references, with every brick test image inspected."""
+    s = InspectionSession()
+    assert s.set_references(brick.references) == []
+    s.fit()
+    scored, problems = s.inspect([(str(p), p) for p in brick.tests])
+    assert (scored, problems) == (len(brick.tests), [])
+    return s
+
+
+def snapshot(s: InspectionSession):
+    """What a failed action must leave alone."""
+    return (s.detector, s.threshold, [(r.key, r.score, r.label, id(r.anomaly_map)) for r in s.results],
+            len(s.references))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """An 8 x 8 PNG whose header says width x height (a decompression bomb, in a few bytes)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())      # signature (8), IHDR: length, type, data (13), CRC
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
+    return bytes(data)
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 60, 40)).save(good, format="PNG")
+    contents = {
+        "empty.png": b"",
+        "text.png": b"this is not an image\n" * 20,
+        "truncated.png": good.getvalue()[:60],
+        "tiny.png": _png(Image.new("RGB", (4, 4))),
+        "bomb.png": png_claiming(30000, 30000),
+    }
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- no fit needed
+
+def test_session_module_never_imports_gradio():
+    code = "import sys, anomaly.session; assert 'gradio' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_detector_config_reads_overrides_and_keeps_the_backbone(monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, '{"steps": 7}')
+    cfg = detector_config("effnet-lite")
+    assert (cfg.steps, cfg.backbone, cfg.views) == (7, "effnet-lite", 48)
+    monkeypatch.setenv(CONFIG_ENV, '{"stepz": 7}')
+    with pytest.raises(ValueError, match="stepz"):
+        detector_config()
+    monkeypatch.delenv(CONFIG_ENV)
+    assert detector_config() == DetectorConfig()
+
+
+def test_nothing_works_before_fit_and_says_what_to_do(brick):
+    s = InspectionSession()
+    with pytest.raises(ValueError, match="at least one good reference"):
+        s.fit()
+    for action in (lambda: s.inspect([("a.png", brick.tests[0])]), s.export_zip, s.save_detector,
+                   lambda: s.set_threshold(1.0), s.score_figure):
+        with pytest.raises(ValueError, match="fit one on good images"):
+            action()
+    assert not s.is_fitted and s.results == []
+
+
+def test_references_bad_files_are_skipped_with_a_reason(brick, tmp_path):
+    s = InspectionSession()
+    bad = bad_files(tmp_path)
+    problems = s.set_references([*brick.references[:2], *bad.values()])
+    assert [r.name for r in s.references] == [p.name for p in brick.references[:2]]
+    assert len(problems) == len(bad)
+    for name, message in zip(bad, problems):
+        assert name in message and message.startswith("skipped")
+    assert "empty" in problems[0] and "not an image" in problems[1] and "limit" in problems[4]
+
+
+def test_reference_limit_is_enforced_and_keeps_the_old_references(brick, monkeypatch):
+    s = InspectionSession()
+    s.set_references(brick.references[:3])
+    monkeypatch.setattr(session_module, "MAX_REFERENCES", 4)
+    with pytest.raises(ValueError, match="limit is 4"):
+        s.set_references(brick.references[:5])
+    assert len(s.references) == 3
+
+
+def test_big_images_are_shrunk_to_the_working_size(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (2000, 1000), (90, 90, 90)).save(path)
+    s = InspectionSession()
+    s.set_references([path])
+    assert s.references[0].image.size == (session_module.WORK_SIDE, session_module.WORK_SIDE // 2)
+
+
+# --------------------------------------------------------------------------- fitted session
+
+@pytest.mark.slow
+def test_fit_and_inspect_give_sorted_verdicts_scores_and_maps(fitted, brick):
+    s = fitted
+    S = FAST_CONFIG["image_size"]
+    assert s.fit_report.n_references == len(brick.references)
+    assert s.threshold == s.calibrated_threshold == s.detector.threshold
+    rows = s.table()
+    assert [row[0] for row in rows] == [s.results[i].name for i in s.order()]
+    assert [row[2] for row in rows] == sorted((row[2] for row in rows), reverse=True)
+    for row in rows:
+        assert row[1] == ("DEFECT" if row[2] > s.threshold else "OK") and 0 <= row[3] <= 1
+    for r in s.results:
+        assert r.anomaly_map.shape == (S, S) and r.anomaly_map.dtype == np.float32
+        assert r.score == pytest.approx(float(r.anomaly_map.max()), rel=1e-5)
+        assert s.overlay(r).size == r.image.size
+    by_name = {r.name: r.score for r in s.results}
+    defects = [v for k, v in by_name.items() if k.startswith("defect_")]
+    goods = [v for k, v in by_name.items() if k.startswith("good_")]
+    assert max(defects) > max(goods)            # at least the most visible defect stands out
+    assert s.counts()[0] >= 1 and s.results[s.selected].score == max(by_name.values())
+
+
+@pytest.mark.slow
+def test_threshold_redraws_verdicts_from_stored_maps(fitted, monkeypatch):
+    s = fitted
+    maps = [id(r.anomaly_map) for r in s.results]
+    monkeypatch.setattr(s.detector, "predict", lambda *a, **k: pytest.fail("maps were recomputed"))
+    scores = sorted(r.score for r in s.results)
+    lo, hi, step = s.threshold_range()
+    assert lo <= scores[0] and scores[-1] <= hi and lo <= s.threshold <= hi and step > 0
+    try:
+        s.set_threshold(scores[-1] + 1e-6)
+        assert s.counts() == (0, len(scores))
+        s.set_threshold((scores[0] + scores[1]) / 2)
+        assert s.counts() == (len(scores) - 1, 1)
+        at = s.results[s.order()[-2]]                     # the second lowest score
+        s.set_threshold(at.score)
+        assert s.norm_score(at) == pytest.approx(0.5) and s.verdict(at) == "OK"
+        assert s.score_figure().axes                      # draws at any threshold
+        s.set_threshold(hi * 3)                           # beyond the detector's score range
+        assert s.norm_score(s.results[0]) < 0.5 and s.overlay(s.results[0]).size
+        with pytest.raises(ValueError, match=">= 0"):
+            s.set_threshold(float("nan"))
+    finally:
+        s.reset_threshold()
+    assert s.threshold == s.detector.threshold and [id(r.anomaly_map) for r in s.results] == maps
+
+
+@pytest.mark.slow
+def test_bad_and_too_many_test_images_leave_the_session_intact(fitted, brick, tmp_path, monkeypatch):
+    s = fitted
+    before = snapshot(s)
+    bad = bad_files(tmp_path)
+    scored, problems = s.inspect([(str(p), p) for p in bad.values()])
+    assert scored == 0 and len(problems) == len(bad) and snapshot(s) == before
+    assert s.inspect([(str(p), p) for p in brick.tests]) == (0, [])      # already inspected
+    monkeypatch.setattr(session_module, "MAX_TEST_BATCH", 3)
+    with pytest.raises(ValueError, match="limit is 3 per batch"):
+        s.inspect([(f"k{i}", brick.tests[0]) for i in range(4)])
+    with pytest.raises(ValueError, match="Add one or more"):
+        s.inspect([])
+    assert snapshot(s) == before
+
+
+@pytest.mark.slow
+def test_unavailable_backbone_keeps_the_fitted_detector(fitted):
+    from anomaly import WeightsUnavailableError
+    before = snapshot(fitted)
+    try:
+        fitted.fit("resnet18-resnet34")
+    except WeightsUnavailableError as err:
+        assert "resnet18" in str(err) and "effnet-lite" in str(err)
+        assert snapshot(fitted) == before
+    else:
+        pytest.skip("ResNet weights are cached on this machine")
+
+
+@pytest.mark.slow
+def test_results_are_capped_oldest_first(fitted, brick, monkeypatch):
+    s = InspectionSession()
+    s.detector, s.threshold = fitted.detector, fitted.threshold        # no second fit needed
+    monkeypatch.setattr(session_module, "MAX_RESULTS", 3)
+    s.inspect([(f"first/{p.name}", p) for p in brick.tests[:2]])
+    _, problems = s.inspect([(f"second/{p.name}", p) for p in brick.tests[:2]])
+    assert [r.key for r in s.results] == ["first/" + brick.tests[1].name,
+                                          *("second/" + p.name for p in brick.tests[:2])]
+    assert "oldest" in problems[0]
+    names = [r.name for r in s.results]
+    assert len(set(names)) == 3 and f"{Path(names[0]).stem} (2).png" in names   # same file twice
+    assert s.next_photo_key() != s.next_photo_key()
+
+
+@pytest.mark.slow
+def test_export_zip_has_overlay_mask_map_and_csv(fitted):
+    s = fitted
+    archive = zipfile.ZipFile(s.export_zip())
+    names = set(archive.namelist())
+    rows = list(csv.DictReader(io.StringIO(archive.read("results.csv").decode())))
+    assert [row["file"] for row in rows] == [s.results[i].name for i in s.order()]
+    for row, r in zip(rows, (s.results[i] for i in s.order())):
+        stem = Path(r.name).stem
+        assert {f"{stem}_overlay.png", f"{stem}_mask.png", f"{stem}_map.npy"} <= names
+        assert float(row["score"]) == pytest.approx(r.score, rel=1e-4)
+        assert float(row["normalised_score"]) == pytest.approx(s.norm_score(r), abs=1e-4)
+        assert row["verdict"] == s.verdict(r)
+        mask = Image.open(io.BytesIO(archive.read(f"{stem}_mask.png")))
+        amap = np.load(io.BytesIO(archive.read(f"{stem}_map.npy")))
+        assert mask.mode == "L" and mask.size == r.image.size and amap.shape == mask.size[::-1]
+        assert np.array_equal(np.asarray(mask) > 0, amap > s.threshold)
+    assert len(names) == 3 * len(rows) + 1
+
+
+@pytest.mark.slow
+def test_saved_detector_loads_in_a_new_session_with_the_same_scores(fitted, brick):
+    path = fitted.save_detector()
+    s = InspectionSession()
+    s.load_detector(path)
+    assert s.threshold == pytest.approx(fitted.calibrated_threshold) and s.loaded_from_file
+    s.inspect([(str(p), p) for p in brick.tests])
+    assert [r.score for r in s.results] == pytest.approx([r.score for r in fitted.results], rel=1e-5)
+    with pytest.raises(ValueError, match="does not contain its reference images"):
+        s.mark(0, False)                  # nothing to refit on
+    assert s.results[0].label is None
+    exported = s.export_zip()
+    s.close()                                 # what the app calls when the session expires
+    assert not exported.exists() and s.results == [] and not s.is_fitted
+
+
+@pytest.mark.slow
+def test_a_corrupt_detector_file_is_refused_and_changes_nothing(fitted, tmp_path):
+    path = tmp_path / "detector.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    before = snapshot(fitted)
+    with pytest.raises(ValueError, match="not a detector file"):
+        fitted.load_detector(path)
+    assert snapshot(fitted) == before
+
+
+@pytest.mark.slow
+def test_marks_refit_and_give_auroc_and_a_suggested_threshold(brick):
+    s = InspectionSession()
+    s.set_references(brick.references[:4])
+    s.fit()
+    s.inspect([(str(p), p) for p in brick.tests])
+    index = {r.name: i for i, r in enumerate(s.results)}
+    defect = max(s.results, key=lambda r: r.score).name
+    assert s.mark(index[defect], True) is None                 # no refit for a defect mark
+    assert s.label_summary() is None                           # one kind only
+    report = s.mark(index["good_01.png"], False)               # joins the references: refit
+    assert report.n_references == 5 and len(s.training_images()) == 5
+    assert [c for _, c in s.reference_gallery()][-1] == "good_01.png (marked good)"
+    summary = s.label_summary()
+    assert (summary.n_good, summary.n_defect) == (1, 1) and summary.auroc == 1.0
+    assert s.results[index["good_01.png"]].score < summary.best_threshold < s.results[index[defect]].score
+    assert s.roc().axes and [row[4] for row in s.table() if row[0] == defect] == ["defect"]
+    with pytest.raises(ValueError, match="marked good"):
+        s.clear_results()                                       # would drop a reference
+    assert s.mark(index["good_01.png"], None).n_references == 4  # leaves the references again
+
+
+@pytest.mark.slow
+def test_a_failed_refit_undoes_the_mark(fitted, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(fitted, "fit", broken)
+    before = snapshot(fitted)
+    with pytest.raises(RuntimeError):
+        fitted.mark(0, False)
+    assert snapshot(fitted) == before
+
+
+@pytest.mark.slow
+def test_real_photos_defect_scores_above_good(data_dir):
+    """Real bottle photos: fit on 4 good ones; the broken ones score above the good ones."""
+    s = InspectionSession()
+    s.set_references(category_files(data_dir, "bottle", "train/good", 4))
+    s.fit()
+    good = category_files(data_dir, "bottle", "test/good", 2)
+    broken = category_files(data_dir, "bottle", "test/broken_large", 2)
+    s.inspect([(str(p), p) for p in good + broken])
+    scores = [r.score for r in s.results]
+    assert min(scores[2:]) > max(scores[:2])
+
+
+# --------------------------------------------------------------------------- app.py glue
+
+APP_CHECKS = r"""
+import json, sys
+import gradio as gr
+import app
+from anomaly import backbones
+from anomaly.examples import example_sets
+
+out = {}
+out["backbones_loaded_at_import"] = backbones._load.cache_info().currsize
+out["api_names"] = sorted(fn.api_name for fn in app.demo.fns.values()
+                          if fn.api_visibility == "public")
+out["default_address"] = app.server_address([], {})
+out["env_address"] = app.server_address([], {"ANOMALY_HOST": "0.0.0.0", "ANOMALY_PORT": "9000",
+                                              "GRADIO_SERVER_PORT": "1"})
+out["space_address"] = app.server_address([], {"GRADIO_SERVER_NAME": "0.0.0.0",
+                                                "GRADIO_SERVER_PORT": "7861"})
+out["flag_address"] = app.server_address(["--host", "::1", "--port", "8000"],
+                                         {"ANOMALY_PORT": "9000"})
+
+def message(call):
+    try:
+        call()
+    except gr.Error as err:
+        return err.message
+    return None
+
+progress = lambda *a, **k: None
+out["fit_without_refs"] = message(lambda: app.fit(None, "effnet-lite", 0.5, True, progress))
+out["inspect_before_fit"] = message(lambda: app.inspect_files(None, ["x.png"], 0.5, True, progress))
+out["unknown_example"] = message(lambda: app.load_example(None, "nope"))
+
+@app.user_errors
+def crash():
+    raise KeyError("internal detail")
+out["unexpected"] = message(crash)
+
+refs, tests = example_sets()["brick_wall"]
+s, gallery, count = app.set_references(None, [str(p) for p in refs[:3]])
+out["count"] = count
+s, fit_md, slider, gallery, count, *view = app.fit(s, "effnet-lite", 0.5, True, progress)
+out["fit_md"] = fit_md
+out["slider"] = [slider.minimum, slider.maximum, slider.value]
+slider, summary, table, results, selector, detail, detail_md, plot, labels, roc = app.inspect_files(
+    s, [str(p) for p in tests], 0.5, True, progress)
+out["summary"] = summary
+out["rows"] = len(table)
+out["gallery"] = len(results)
+out["detail"] = [im.size for im in detail]
+summary, *_ = app.set_threshold(s, 1e9, 0.5, True)
+out["summary_high"] = summary
+out["zip"] = app.export_zip(s).endswith(".zip")
+out["empty_view"] = app.render(None, 0.5, True)[0]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_app_handlers_in_a_child_process():
+    env = {**os.environ, CONFIG_ENV: json.dumps(FAST_CONFIG)}
+    run = subprocess.run([sys.executable, "-c", APP_CHECKS], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT", 1)[1])
+    assert out["backbones_loaded_at_import"] == 0
+    assert {"fit", "inspect", "inspect_photo", "set_threshold", "reset_threshold", "set_references",
+            "mark_good", "mark_defect", "clear_mark", "use_suggested_threshold", "save_detector",
+            "load_detector", "export_zip", "load_example", "select", "clear_results"} <= set(out["api_names"])
+    assert out["default_address"] == ["127.0.0.1", 7860]
+    assert out["env_address"] == ["0.0.0.0", 9000]
+    assert out["space_address"] == ["0.0.0.0", 7861]
+    assert out["flag_address"] == ["::1", 8000]
+    assert "at least one good reference" in out["fit_without_refs"]
+    assert "fit one on good images" in out["inspect_before_fit"]
+    assert "nope" in out["unknown_example"]
+    assert "internal detail" not in out["unexpected"] and "unchanged" in out["unexpected"]
+    assert out["count"].startswith("**3 good images**")
+    assert out["fit_md"].startswith("**Fitted on 3 good images")
+    lo, hi, value = out["slider"]
+    assert lo <= value <= hi
+    assert out["rows"] == out["gallery"] == 6 and out["summary"].startswith("**6 images:")
+    assert out["detail"][0] == out["detail"][1]
+    assert "0 DEFECT, 6 OK" in out["summary_high"]
+    assert out["zip"] and out["empty_view"] == "No results yet."
