@@ -8,7 +8,10 @@ InspectionSession`` (kept per browser tab in a ``gr.State``) and turns its ``Val
 ``RuntimeError`` into a ``gr.Error`` message. Drawing lives in ``anomaly.viz``.
 """
 import argparse
+import ctypes
+import ctypes.util
 import functools
+import gc
 import logging
 import os
 import threading
@@ -25,7 +28,7 @@ from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, THUMB_
 
 log = logging.getLogger("app")
 
-SESSION_TTL_S = 2 * 3600        # a session's data is freed this long after its last change
+SESSION_TTL_S = 2 * 3600        # an open tab's session is freed this long after its last change
 FIT_CONCURRENCY = 1             # fits (and refits) run one at a time, in their own queue ...
 PREDICT_CONCURRENCY = 2         # ... so they never block the inspections of other visitors
 BACKBONE_LABELS = {
@@ -37,6 +40,11 @@ LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test im
           f"(the last {MAX_RESULTS} results are kept), {MAX_FILE_BYTES // 2**20} MB and "
           f"{MAX_PIXELS // 10**6} megapixels per image. Larger photos are shrunk to "
           f"{WORK_SIDE} px on the longer side before scoring.")
+OPEN_SESSIONS = {}              # Gradio session hash -> InspectionSession, for end_session
+OPEN_SESSIONS_LOCK = threading.Lock()
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+if LIBC is not None and not hasattr(LIBC, "malloc_trim"):   # musl, macOS: nothing to trim
+    LIBC = None
 VERDICT_COLOURS = {"DEFECT": (214, 39, 40), "OK": (44, 160, 44)}   # as in the score plot
 CSS = """
 .step-title h2 {margin-bottom: 0}
@@ -69,6 +77,16 @@ def user_errors(fn):
 def warn(messages):
     for message in messages:
         gr.Warning(message)
+
+
+def session_for(session, request):
+    """The visitor's session, created if the tab has none, and registered so that closing the
+    tab frees it (see ``end_session``)."""
+    session = session or InspectionSession()
+    if request is not None and request.session_hash:
+        with OPEN_SESSIONS_LOCK:
+            OPEN_SESSIONS[request.session_hash] = session
+    return session
 
 
 def existing(session):
@@ -173,15 +191,15 @@ def render(s, alpha, outline):
 # --------------------------------------------------------------------------- handlers
 
 @user_errors
-def set_references(session, files):
-    s = session or InspectionSession()
+def set_references(session, files, request: gr.Request = None):
+    s = session_for(session, request)
     warn(s.set_references(paths(files)))
     return (s, *reference_views(s))
 
 
 @user_errors
-def fit(session, backbone, alpha, outline, progress=gr.Progress()):
-    s = session or InspectionSession()
+def fit(session, backbone, alpha, outline, progress=gr.Progress(), request: gr.Request = None):
+    s = session_for(session, request)
     s.fit(backbone, as_progress(progress))
     return (s, fit_text(s), threshold_slider(s), *reference_views(s), *render(s, alpha, outline))
 
@@ -277,10 +295,10 @@ def save_detector(session):
 
 
 @user_errors
-def load_detector(session, file, alpha, outline):
+def load_detector(session, file, alpha, outline, request: gr.Request = None):
     if not file:
         return (gr.skip(),) * (3 + len(VIEW))
-    s = session or InspectionSession()
+    s = session_for(session, request)
     s.load_detector(str(file))
     return (s, fit_text(s), threshold_slider(s), *render(s, alpha, outline))
 
@@ -291,13 +309,13 @@ def export_zip(session):
 
 
 @user_errors
-def load_example(session, name):
+def load_example(session, name, request: gr.Request = None):
     sets = example_sets()
     if name not in sets:
         raise gr.Error(f"No example set named {name!r}; choose one of {sorted(sets)}.",
                        print_exception=False)
     references, tests = sets[name]
-    s = session or InspectionSession()
+    s = session_for(session, request)
     warn(s.set_references(references))
     return (s, [str(p) for p in references], [str(p) for p in tests], *reference_views(s))
 
@@ -307,8 +325,30 @@ def reveal():
 
 
 def free_session(session):
+    """gr.State's delete callback: the tab's session expired."""
     if session is not None:
         session.close()
+        return_freed_memory()
+
+
+def end_session(request: gr.Request):
+    """The tab was closed or reloaded (its heartbeat ended): free its session now rather than
+    when Gradio drops closed sessions' state (an hour later). A tab that reconnects finds an
+    empty session and is asked to fit again."""
+    with OPEN_SESSIONS_LOCK:
+        session = OPEN_SESSIONS.pop(request.session_hash, None)
+        still_open = len(OPEN_SESSIONS)
+    if session is not None:
+        free_session(session)
+        log.info("a session ended and was freed; %d still open", still_open)
+
+
+def return_freed_memory():
+    """Collect garbage and hand the allocator's free pages back to the OS (glibc only), so the
+    server's memory falls back when sessions end instead of staying at its peak."""
+    gc.collect()
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
 
 
 # --------------------------------------------------------------------------- layout
@@ -468,6 +508,7 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
      .success(fit, [state, backbone, alpha, outline], [state, fit_md, threshold, *REFS, *VIEW],
               api_visibility="private", show_progress_on=fitting, **fit_queue)
      .success(api_visibility="private", **inspect_args))
+    demo.unload(end_session)
 
 
 # --------------------------------------------------------------------------- launch

@@ -423,3 +423,52 @@ def test_app_handlers_in_a_child_process():
     assert out["detail"][0] == out["detail"][1]
     assert "0 DEFECT, 6 OK" in out["summary_high"]
     assert out["zip"] and out["empty_view"] == "No results yet."
+
+
+UNLOAD_CHECKS = r"""
+import json, socket, time
+from gradio_client import Client, handle_file
+import app
+from anomaly.examples import example_sets
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+app.launch(port=port, prevent_thread_lock=True, quiet=True)
+url = f"http://127.0.0.1:{port}/"
+refs, tests = example_sets()["brick_wall"]
+alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+for client in (alice, bob):
+    client.predict([handle_file(str(p)) for p in refs[:3]], api_name="/set_references")
+    client.predict("effnet-lite", 0.5, True, api_name="/fit")
+    client.predict([handle_file(str(p)) for p in tests[:2]], 0.5, True, api_name="/inspect")
+out = {"open": sorted(app.OPEN_SESSIONS) == sorted([alice.session_hash, bob.session_hash])}
+alice_session = app.OPEN_SESSIONS[alice.session_hash]
+out["alice_had"] = [alice_session.is_fitted, len(alice_session.results)]
+alice.close()                          # like closing the tab: its heartbeat ends
+deadline = time.monotonic() + 60
+while alice.session_hash in app.OPEN_SESSIONS and time.monotonic() < deadline:
+    time.sleep(0.2)
+out["alice_open_after_close"] = alice.session_hash in app.OPEN_SESSIONS
+out["alice_left"] = [alice_session.is_fitted, len(alice_session.results), len(alice_session.references)]
+summary = bob.predict([handle_file(str(tests[2]))], 0.5, True, api_name="/inspect")[1]
+out["bob_summary"] = summary
+bob.close()
+print("RESULT" + json.dumps(out))
+app.demo.close()
+"""
+
+
+@pytest.mark.slow
+def test_closing_a_tab_frees_its_session_and_spares_the_others():
+    """A client that disconnects (tab closed) has its detector, images and maps freed at once
+    (not an hour later); another visitor's session keeps working."""
+    env = {**os.environ, CONFIG_ENV: json.dumps(FAST_CONFIG)}
+    run = subprocess.run([sys.executable, "-c", UNLOAD_CHECKS], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT", 1)[1].splitlines()[0])
+    assert out["open"] and out["alice_had"] == [True, 2]
+    assert not out["alice_open_after_close"]
+    assert out["alice_left"] == [False, 0, 0]
+    assert out["bob_summary"].startswith("**3 images:")
