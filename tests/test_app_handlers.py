@@ -472,3 +472,46 @@ def test_closing_a_tab_frees_its_session_and_spares_the_others():
     assert not out["alice_open_after_close"]
     assert out["alice_left"] == [False, 0, 0]
     assert out["bob_summary"].startswith("**3 images:")
+
+
+def odd_files(photo: Path, folder: Path) -> dict[str, tuple[Path, tuple[int, int]]]:
+    """Valid but unusual versions of a real photo -> {name: (path, size the session should show)}."""
+    rgb = Image.open(photo).convert("RGB").resize((300, 200))
+    out = {}
+
+    def save(name, image, size, **kwargs):
+        out[name] = (folder / name, size)
+        image.save(folder / name, **kwargs)
+
+    save("elongated_10to1.png", rgb.resize((2000, 200)), (768, 77))      # shrunk to WORK_SIDE
+    save("eight_px.png", rgb.resize((8, 8)), (8, 8))
+    grey16 = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    save("grey16.png", grey16, (300, 200))
+    save("cmyk.jpg", rgb.convert("CMYK"), (300, 200), quality=90)
+    palette = rgb.convert("P", palette=Image.ADAPTIVE, colors=64)
+    save("palette_transparent.png", palette, (300, 200), transparency=0)
+    save("animated.gif", rgb.convert("P"), (300, 200), save_all=True,
+         append_images=[rgb.rotate(90).convert("P")], duration=100, loop=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                     # rotate 90 on display
+    save("exif_rotated.jpg", rgb, (200, 300), exif=exif)
+    return out
+
+
+@pytest.mark.slow
+def test_unusual_valid_images_are_scored_and_leave_other_results_alone(fitted, brick, tmp_path):
+    s = InspectionSession()
+    s.load_detector(str(fitted.save_detector()))
+    s.inspect([(str(brick.tests[0]), brick.tests[0])])
+    first = (s.results[0].score, id(s.results[0].anomaly_map))
+    files = odd_files(brick.tests[0], tmp_path)
+    scored, problems = s.inspect([(str(p), p) for p, _ in files.values()])
+    assert (scored, problems) == (len(files), [])
+    by_name = {r.name: r for r in s.results}
+    S = s.detector.config.image_size
+    for name, (_, size) in files.items():
+        result = by_name[name]
+        assert result.image.size == size, name
+        assert result.anomaly_map.shape == (S, S) and np.isfinite(result.anomaly_map).all(), name
+    assert (by_name[brick.tests[0].name].score, id(by_name[brick.tests[0].name].anomaly_map)) == first
+    assert s.detector is not None and s.threshold == s.calibrated_threshold
