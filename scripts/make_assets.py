@@ -96,6 +96,18 @@ def _place(rng: np.random.Generator) -> tuple[float, float]:
     return tuple(rng.uniform(SIZE * 0.3, SIZE * 0.7, 2))
 
 
+def _polygon(rng: np.random.Generator, corners: int, jitter: float, radii: tuple[float, float]
+             ) -> tuple[np.ndarray, tuple[float, float]]:
+    """An irregular polygon at a random place -> (inside mask (SIZE, SIZE) bool, its centre)."""
+    cx, cy = _place(rng)
+    angles = np.linspace(0, 2 * np.pi, corners, endpoint=False) + rng.uniform(-jitter, jitter, corners)
+    radius = rng.uniform(*radii, corners)
+    poly = [(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radius, angles)]
+    layer = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(layer).polygon(poly, fill=255)
+    return np.asarray(layer) > 0, (cx, cy)
+
+
 def crack(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A dark jagged crack (random walk with a branch), 4-7 px wide, with lighter chipped edges."""
     layer = Image.new("L", (SIZE, SIZE), 0)
@@ -135,13 +147,7 @@ def stain(img: np.ndarray, rng: np.random.Generator, color=(40, 110, 140)) -> np
 
 def hole(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A missing chunk: a dark, shadowed cavity with a light chipped rim."""
-    cx, cy = _place(rng)
-    angles = np.linspace(0, 2 * np.pi, 11, endpoint=False) + rng.uniform(-0.25, 0.25, 11)
-    radii = rng.uniform(20, 34, angles.size)
-    poly = [(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles)]
-    layer = Image.new("L", (SIZE, SIZE), 0)
-    ImageDraw.Draw(layer).polygon(poly, fill=255)
-    inside = np.asarray(layer) > 0
+    inside, _ = _polygon(rng, corners=11, jitter=0.25, radii=(20, 34))
     depth = ndimage.distance_transform_edt(inside)
     shade = np.clip(depth / 12.0, 0, 1)[..., None]                 # darker towards the centre
     noise = ndimage.gaussian_filter(rng.normal(0, 1, (SIZE, SIZE)), 1.5)[..., None] * 25
@@ -168,13 +174,7 @@ def patch(img: np.ndarray, rng: np.random.Generator, other: np.ndarray) -> np.nd
 
 def foreign_object(img: np.ndarray, rng: np.random.Generator, color=(200, 40, 40)) -> np.ndarray:
     """A shaded, irregular piece of coloured plastic lying on the surface."""
-    cx, cy = _place(rng)
-    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False) + rng.uniform(-0.3, 0.3, 8)
-    radii = rng.uniform(16, 26, angles.size)
-    poly = [(cx + r * np.cos(t), cy + r * np.sin(t)) for r, t in zip(radii, angles)]
-    layer = Image.new("L", (SIZE, SIZE), 0)
-    ImageDraw.Draw(layer).polygon(poly, fill=255)
-    inside = np.asarray(layer) > 0
+    inside, (cx, cy) = _polygon(rng, corners=8, jitter=0.3, radii=(16, 26))
     yy, xx = np.mgrid[:SIZE, :SIZE]
     light = 1.0 + 0.25 * ((cx - xx) + (cy - yy)) / 30.0              # lit from the top left
     body = np.clip(np.asarray(color, dtype=np.float64) * light[..., None], 0, 255)
