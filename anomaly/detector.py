@@ -21,7 +21,7 @@ from torch import nn
 
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, FeatureExtractor, load_pair
 from .image_io import ImageLike, load_image
-from .mapping import BidirectionalMapping, gaussian_blur, mapping_error, position_encoding
+from .mapping import BidirectionalMapping, fold_batchnorm, gaussian_blur, mapping_error, position_encoding
 from .postprocess import normalize
 from .serialization import load_detector, save_detector
 
@@ -163,6 +163,7 @@ class PFMDetector(nn.Module):
         self.register_buffer("calibration_scores", torch.empty(0))
         self.register_buffer("_threshold", torch.tensor(float("nan")))
         self.mappings.eval()
+        self._fold_mappings()
 
     # ------------------------------------------------------------------ construction
 
@@ -175,6 +176,18 @@ class PFMDetector(nn.Module):
     def state_dict(self, *args, **kwargs):  # the frozen backbones are not part of a detector file
         return {k: v for k, v in super().state_dict(*args, **kwargs).items()
                 if not k.startswith(("source.", "target."))}
+
+    def load_state_dict(self, *args, **kwargs):
+        result = super().load_state_dict(*args, **kwargs)
+        self._fold_mappings()
+        return result
+
+    def _fold_mappings(self) -> None:
+        """Refresh the BatchNorm-folded copies of ``self.mappings`` that predictions use; called
+        wherever the mappings change (construction, fit, load_state_dict). A plain tuple, so they
+        are neither submodules nor part of the state dict."""
+        self.mappings.eval()
+        self._inference_mappings = tuple(fold_batchnorm(net) for net in self.mappings)
 
     # ------------------------------------------------------------------ fitted state
 
@@ -290,10 +303,10 @@ class PFMDetector(nn.Module):
               mappings: nn.ModuleList | None = None) -> torch.Tensor:
         """Features per level (B, C, h, w) -> smoothed anomaly maps (B, S, S).
 
-        The levels are averaged and smoothed at the finest level's resolution (stride 4), then
+        ``mappings`` default: the fitted nets, BatchNorm folded. The levels are averaged and smoothed at the finest level's resolution (stride 4), then
         upsampled to S x S: the same map as smoothing at S x S, at a sixteenth of the cost.
         """
-        mappings = self.mappings if mappings is None else mappings
+        mappings = self._inference_mappings if mappings is None else mappings
         S = self.config.image_size
         fine = feats_s[0].shape[2:]                                        # (h_0, w_0)
         total = 0.0
@@ -355,6 +368,7 @@ class PFMDetector(nn.Module):
             maps = self._maps(*self._features(fresh), mappings)
             calibration.append(self._scores(maps) * (1.0 + cfg.single_reference_margin))
         self.mappings = mappings
+        self._fold_mappings()
         self.calibration_scores = calibration[0]
         self._threshold = self.calibration_scores.max() * (1.0 + cfg.threshold_margin)
         seconds = time.perf_counter() - started

@@ -5,11 +5,13 @@ from ``nn.Linear`` layers over the channel axis and applied to channel-last feat
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_linear_bn_eval
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -39,6 +41,17 @@ class BidirectionalMapping(nn.Module):
         to_target = self.decode_target(self.shared(self.encode_source(source)))
         to_source = self.decode_source(self.shared(self.encode_target(target)))
         return to_target, to_source
+
+
+def fold_batchnorm(net: BidirectionalMapping) -> BidirectionalMapping:
+    """An inference-only copy of ``net`` with each BatchNorm (eval statistics) folded into the
+    Linear before it: the same outputs up to rounding, with fewer operations per prediction."""
+    folded = copy.deepcopy(net).eval().requires_grad_(False)
+    for block in folded.modules():
+        if isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], nn.BatchNorm1d):
+            block[0] = fuse_linear_bn_eval(block[0], block[1])
+            block[1] = nn.Identity()
+    return folded
 
 
 def mapping_error(net: BidirectionalMapping, source: torch.Tensor, target: torch.Tensor,

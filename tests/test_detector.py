@@ -8,6 +8,7 @@ import torch
 
 from anomaly import DetectorConfig, PFMDetector, Prediction
 from anomaly.detector import MAX_REFERENCES, augment
+from anomaly.mapping import BidirectionalMapping, fold_batchnorm, mapping_error
 from conftest import category_files
 
 SMALL = dict(steps=60, views=16)
@@ -112,6 +113,24 @@ def test_failed_fit_keeps_the_previous_model(bottle):
     with pytest.raises(ValueError):
         det.fit([b"garbage"])
     assert det.threshold == before
+
+
+def test_folding_batchnorm_keeps_the_mapping_error():
+    torch.manual_seed(0)
+    net = BidirectionalMapping(24, 40, 48)
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    net.eval()
+    source, target = torch.randn(500, 24), torch.randn(500, 40)
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())   # original untouched
+    with torch.no_grad():
+        torch.testing.assert_close(mapping_error(folded, source, target), mapping_error(net, source, target),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_augment_keeps_originals_and_varies_the_rest():
