@@ -19,12 +19,12 @@ import threading
 import gradio as gr
 from PIL import ImageOps
 
-from anomaly import BACKBONE_PAIRS, WeightsUnavailableError
+from anomaly import BACKBONE_PAIRS, DetectorConfig, WeightsUnavailableError
 from anomaly.backbones import DEFAULT_PAIR, load_pair
 from anomaly.examples import EXAMPLES_DIR, example_sets
 from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
-from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, THUMB_SIDE, WORK_SIDE,
-                             InspectionSession)
+from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, SMALL_DEFECTS_SIZE, THUMB_SIDE,
+                             WORK_SIDE, InspectionSession)
 
 log = logging.getLogger("app")
 
@@ -36,6 +36,10 @@ BACKBONE_LABELS = {
     "resnet34-resnet50": "ResNet34 → ResNet50 (the paper's pair; needs downloaded weights)",
     "resnet18-resnet34": "ResNet18 → ResNet34 (needs downloaded weights)",
 }
+PARTS_TURN_LABEL = ("Parts lie at any angle (screws, bolts): learn them at every rotation. "
+                    "Leave off for parts that always face the same way.")
+SMALL_DEFECTS_LABEL = (f"Small defects: model at {SMALL_DEFECTS_SIZE} px instead of "
+                       f"{DetectorConfig.image_size} (finer, about 1.5x slower to fit and inspect)")
 LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test images per batch "
           f"(the last {MAX_RESULTS} results are kept), {MAX_FILE_BYTES // 2**20} MB and "
           f"{MAX_PIXELS // 10**6} megapixels per image. Larger photos are shrunk to "
@@ -198,9 +202,10 @@ def set_references(session, files, request: gr.Request = None):
 
 
 @user_errors
-def fit(session, backbone, alpha, outline, progress=gr.Progress(), request: gr.Request = None):
+def fit(session, backbone, parts_turn, small_defects, alpha, outline, progress=gr.Progress(),
+        request: gr.Request = None):
     s = session_for(session, request)
-    s.fit(backbone, as_progress(progress))
+    s.fit(backbone, as_progress(progress), parts_turn=bool(parts_turn), small_defects=bool(small_defects))
     return (s, fit_text(s), threshold_slider(s), *reference_views(s), *render(s, alpha, outline))
 
 
@@ -377,6 +382,9 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
             backbone = gr.Dropdown([(BACKBONE_LABELS.get(k, k), k) for k in BACKBONE_PAIRS],
                                    value=DEFAULT_PAIR, label="Feature extractor",
                                    elem_id="backbone")
+            with gr.Row():
+                parts_turn = gr.Checkbox(False, label=PARTS_TURN_LABEL, elem_id="parts-turn")
+                small_defects = gr.Checkbox(False, label=SMALL_DEFECTS_LABEL, elem_id="small-defects")
             fit_btn = gr.Button("Fit detector on these good images", variant="primary",
                                 elem_id="fit-btn")
         with gr.Column(scale=2):
@@ -469,7 +477,8 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
     for event in (ref_files.delete, ref_files.clear):
         event(set_references, [state, ref_files], [state, *REFS], api_visibility="private")
     fitting = [fit_md, ref_gallery]          # where a fit's progress bar shows
-    fit_btn.click(fit, [state, backbone, alpha, outline], [state, fit_md, threshold, *REFS, *VIEW],
+    fit_btn.click(fit, [state, backbone, parts_turn, small_defects, alpha, outline],
+                  [state, fit_md, threshold, *REFS, *VIEW],
                   api_name="fit", show_progress_on=fitting, **fit_queue)
     inspect_args = dict(fn=inspect_files, inputs=[state, test_files, alpha, outline],
                         outputs=[threshold, *VIEW], show_progress_on=summary_md, **predict_queue)
@@ -505,7 +514,8 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
 
     (example_btn.click(load_example, [state, example_choice], [state, ref_files, test_files, *REFS],
                        api_name="load_example")
-     .success(fit, [state, backbone, alpha, outline], [state, fit_md, threshold, *REFS, *VIEW],
+     .success(fit, [state, backbone, parts_turn, small_defects, alpha, outline],
+              [state, fit_md, threshold, *REFS, *VIEW],
               api_visibility="private", show_progress_on=fitting, **fit_queue)
      .success(api_visibility="private", **inspect_args))
     demo.unload(end_session)

@@ -8,15 +8,23 @@ Two backbone pairs are offered:
 - ``resnet34-resnet50`` (the paper's pair) and ``resnet18-resnet34`` via torchvision's weights API
   (cached or downloaded by torch.hub; a clear error where neither is possible).
 
-Every backbone returns features at strides 4, 8 and 16, L2-normalised over channels.
+Every backbone returns features at strides 4, 8 and 16, as the network gives them
+(``unnormalised``) or L2-normalised over channels (calling it, as PFM wants them). The
+networks run on ONNX Runtime where it is installed (exported in memory from the same PyTorch
+modules, about 0.4 s each, once per process), else in PyTorch eager; ``$ANOMALY_RUNTIME``
+(``onnxruntime`` or ``torch``) chooses, and PyTorch stays the reference.
 """
 from __future__ import annotations
 
 import functools
+import io
 import logging
+import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +62,7 @@ class FeatureExtractor(nn.Module):
     """
 
     def __init__(self, name: str, body: nn.Module, channels: list[int], strides: list[int],
-                 norm: Normalization):
+                 norm: Normalization, runtime: str = "torch"):
         super().__init__()
         self.name = name
         self.body = body
@@ -64,13 +72,70 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime {runtime!r} unknown; choose one of {RUNTIMES}")
+        self._session = None
+        if runtime == "onnxruntime":
+            try:
+                self._session = _onnx_session(body, len(channels))
+            except Exception as err:  # an export or runtime failure must not stop the app
+                log.warning("%s: ONNX Runtime unavailable (%s); running in PyTorch", name, err)
+                runtime = "torch"
+        self.runtime = runtime
 
     @torch.inference_mode()
+    def unnormalised(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], as the body
+        gives them, computed by ``runtime``."""
+        x = (images - self.mean) / self.std
+        if self._session is None:
+            return self.body(x)
+        return [torch.from_numpy(f) for f in self._session.run(None, {"images": x.contiguous().numpy()})]
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], unit norm."""
-        x = (images - self.mean) / self.std
-        feats = self.body(x)
-        return [F.normalize(f, dim=1) for f in feats]
+        return [F.normalize(f, dim=1) for f in self.unnormalised(images)]
+
+
+# --------------------------------------------------------------------------- runtimes
+
+RUNTIMES = ("onnxruntime", "torch")
+RUNTIME_ENV = "ANOMALY_RUNTIME"
+
+
+def default_runtime() -> str:
+    """$ANOMALY_RUNTIME if set, else ONNX Runtime where it is installed, else PyTorch eager."""
+    wanted = os.environ.get(RUNTIME_ENV)
+    if wanted:
+        if wanted not in RUNTIMES:
+            raise ValueError(f"${RUNTIME_ENV}={wanted!r}; choose one of {RUNTIMES}")
+        return wanted
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
+def _onnx_session(body: nn.Module, n_outputs: int):
+    """An ONNX Runtime session running ``body`` (exported in memory, any batch and size), on as
+    many threads as torch uses; threads sleep between calls instead of spinning, so that
+    concurrent requests do not starve each other."""
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    example = torch.zeros(1, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(body, (example,), buffer, input_names=["images"],
+                          output_names=[f"level{i}" for i in range(n_outputs)],
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}},
+                          opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite
@@ -135,13 +200,13 @@ class _TimmLevels(nn.Module):
         return self.model.forward_intermediates(x, indices=self.indices, intermediates_only=True)
 
 
-def _effnet_lite_extractor(name: str) -> FeatureExtractor:
+def _effnet_lite_extractor(name: str, runtime: str) -> FeatureExtractor:
     model = build_effnet_lite_classifier(name)
     info = model.feature_info
     reductions = [f["reduction"] for f in info]
     indices = [reductions.index(s) for s in (4, 8, 16)]
     channels = [info[i]["num_chs"] for i in indices]
-    return FeatureExtractor(name, _TimmLevels(model, indices), channels, [4, 8, 16], EFFNET_LITE_NORM)
+    return FeatureExtractor(name, _TimmLevels(model, indices), channels, [4, 8, 16], EFFNET_LITE_NORM, runtime)
 
 
 # --------------------------------------------------------------------------- torchvision ResNets
@@ -163,7 +228,7 @@ class _ResNetLevels(nn.Module):
         return feats
 
 
-def _resnet_extractor(name: str) -> FeatureExtractor:
+def _resnet_extractor(name: str, runtime: str) -> FeatureExtractor:
     import torchvision
 
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
@@ -181,7 +246,7 @@ def _resnet_extractor(name: str) -> FeatureExtractor:
     resnet.load_state_dict(state)
     body = _ResNetLevels(resnet)
     channels = [_out_channels(layer) for layer in body.layers]
-    return FeatureExtractor(name, body, channels, [4, 8, 16], IMAGENET_NORM)
+    return FeatureExtractor(name, body, channels, [4, 8, 16], IMAGENET_NORM, runtime)
 
 
 def _out_channels(layer: nn.Sequential) -> int:
@@ -196,21 +261,44 @@ _lock = threading.Lock()
 
 
 @functools.cache
-def _load(name: str) -> FeatureExtractor:
+def _load(name: str, runtime: str) -> FeatureExtractor:
     if name.startswith("efficientnet_lite"):
-        return _effnet_lite_extractor(name)
-    return _resnet_extractor(name)
+        return _effnet_lite_extractor(name, runtime)
+    return _resnet_extractor(name, runtime)
 
 
-def load_extractor(name: str) -> FeatureExtractor:
-    """The frozen extractor ``name``, loaded once per process and shared read-only."""
+def load_extractor(name: str, runtime: str | None = None) -> FeatureExtractor:
+    """The frozen extractor ``name`` on ``runtime`` (default: ``default_runtime()``), loaded
+    once per process and shared read-only."""
     with _lock:
-        return _load(name)
+        return _load(name, runtime or default_runtime())
 
 
-def load_pair(pair: str) -> tuple[FeatureExtractor, FeatureExtractor]:
-    """(source, target) extractors of a backbone pair from ``BACKBONE_PAIRS``."""
+class BackbonePair(NamedTuple):
+    """The frozen (source, target) extractors of a pair, shared by every detector that uses it."""
+
+    source: FeatureExtractor
+    target: FeatureExtractor
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor, progress: Callable[[float, str], None] | None = None,
+                 chunk: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(N, 3, S, S) in [0, 1] -> source and target features per level [(N, C_l, h_l, w_l)]
+        as the networks give them (not normalised), ``chunk`` images at a time."""
+        parts_s, parts_t = [], []
+        for start in range(0, images.shape[0], chunk):
+            batch = images[start:start + chunk]
+            parts_s.append(self.source.unnormalised(batch))
+            parts_t.append(self.target.unnormalised(batch))
+            if progress:
+                progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
+        cat = lambda parts: [torch.cat([p[level] for p in parts]) for level in range(len(parts[0]))]
+        return cat(parts_s), cat(parts_t)
+
+
+def load_pair(pair: str, runtime: str | None = None) -> BackbonePair:
+    """The (source, target) extractors of a backbone pair from ``BACKBONE_PAIRS``."""
     if pair not in BACKBONE_PAIRS:
         raise ValueError(f"unknown backbone pair {pair!r}; choose one of {sorted(BACKBONE_PAIRS)}")
     source, target = BACKBONE_PAIRS[pair]
-    return load_extractor(source), load_extractor(target)
+    return BackbonePair(load_extractor(source, runtime), load_extractor(target, runtime))

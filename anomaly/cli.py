@@ -24,6 +24,7 @@ from pathlib import Path
 from .backbones import BACKBONE_PAIRS, WeightsUnavailableError
 from .datasets import IMAGE_EXTENSIONS, discover, list_images, reference_paths
 from .detector import DetectorConfig, PFMDetector
+from .scoring import SCORES
 from .evaluate import evaluate_category, format_table
 from .image_io import load_image
 from .postprocess import normalize
@@ -244,11 +245,17 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"training steps; fewer is faster and rougher; default: {defaults.steps}")
     p.add_argument("--views", type=int, default=defaults.views,
                    help=f"augmented training views in all; default: {defaults.views}")
+    p.add_argument("--rotation", type=float, default=defaults.rotation,
+                   help=f"augment with rotations up to this many degrees; 180 for parts that lie "
+                        f"at any angle (screws); default: {defaults.rotation:g}")
+    p.add_argument("--score", choices=sorted(SCORES), default=defaults.score,
+                   help=f"anomaly map: PFM's mapping error and the memory bank's distance "
+                        f"(hybrid), or one of them; default: {defaults.score}")
 
 
 def _config(args: argparse.Namespace, seed: int = DetectorConfig.seed) -> DetectorConfig:
     return DetectorConfig(backbone=args.backbone, image_size=args.image_size, steps=args.steps,
-                          views=args.views, seed=seed)
+                          views=args.views, rotation=args.rotation, score=args.score, seed=seed)
 
 
 def _expand_images(paths: Sequence[Path]) -> list[Path]:

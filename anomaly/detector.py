@@ -10,19 +10,21 @@ import logging
 import math
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, FeatureExtractor, load_pair
+from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
+from .calibration import calibrated_threshold
 from .image_io import ImageLike, load_image
-from .mapping import BidirectionalMapping, fold_batchnorm, gaussian_blur, mapping_error, position_encoding
+from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
+from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
 from .postprocess import normalize
+from .scoring import SCORES, combine, image_scores, smooth
 from .serialization import load_detector, save_detector
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,14 @@ MAX_REFERENCES = 200
 
 @dataclass
 class DetectorConfig:
-    """Everything that defines a detector; saved with its weights."""
+    """Everything that defines a detector; saved with its weights. ``RANGES`` bounds every number."""
 
     backbone: str = DEFAULT_PAIR        # key of anomaly.backbones.BACKBONE_PAIRS
-    image_size: int = 256               # images are resized (no crop) to image_size^2
+    image_size: int = 320               # images are resized (no crop) to image_size^2
     resize: str = "stretch"             # "stretch" to a square, or "pad": keep the aspect ratio
                                         # and mirror-pad (see README: non-square images)
+    score: str = "hybrid"               # "hybrid": PFM's mapping error + the memory bank's
+                                        # distance, each over its good-image scale; "pfm", "knn"
     latent_ratio: float = 1.0           # latent width c = max(min_latent, ratio * max(C_S, C_T))
     min_latent: int = 48
     position_encoding: bool = False     # PEFM: add a 2-D sinusoidal encoding to the net inputs
@@ -50,26 +54,33 @@ class DetectorConfig:
     batch: int = 256                    # feature vectors per level per step
     lr: float = 1e-2
     weight_decay: float = 1e-5
-    max_train_seconds: float = 60.0     # safety cap on optimisation time (seeded runs are
-                                        # reproducible while it is not reached)
-    sigma: float = 8.0                  # Gaussian smoothing of the map, in pixels at 256 px
+    bank_size: int = 4096               # memory bank vectors kept by greedy coreset selection
+    sigma: float = 4.0                  # Gaussian smoothing of the map, in pixels at 256 px
     holdout_steps: float = 0.6          # steps before the held-out references join training
     threshold_margin: float = 0.05      # threshold = max held-out score * (1 + margin)
     single_reference_margin: float = 0.25  # k = 1: augmented views score this much lower
     seed: int = 0
 
+    RANGES = {"image_size": (64, 1024), "latent_ratio": (0.05, 2.0), "min_latent": (1, 512),
+              "views": (1, 1000), "rotation": (0.0, 180.0), "shift": (0.0, 0.5), "steps": (1, 10_000),
+              "batch": (1, 8192), "lr": (1e-6, 1.0), "weight_decay": (0.0, 1.0), "bank_size": (16, 65_536),
+              "sigma": (0.0, 32.0), "holdout_steps": (0.01, 0.99), "threshold_margin": (0.0, 10.0),
+              "single_reference_margin": (0.0, 10.0), "seed": (0, 2**31 - 1)}
+
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_PAIRS:
             raise ValueError(f"backbone {self.backbone!r} unknown; choose one of {sorted(BACKBONE_PAIRS)}")
-        if not 64 <= self.image_size <= 1024 or self.image_size % 16:
+        for name, (lo, hi) in self.RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+        if self.image_size % 16:
             raise ValueError(f"image_size {self.image_size} must be a multiple of 16 in [64, 1024]")
-        for name in ("views", "steps", "batch", "min_latent"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resize not in ("stretch", "pad"):
             raise ValueError(f"resize must be 'stretch' or 'pad', got {self.resize!r}")
-        if not 0.0 < self.holdout_steps < 1.0:
-            raise ValueError(f"holdout_steps {self.holdout_steps} must be in (0, 1)")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {sorted(SCORES)}, got {self.score!r}")
 
 
 @dataclass
@@ -78,7 +89,7 @@ class FitReport:
     n_views: int
     seconds: float
     threshold: float
-    steps: int                          # optimiser steps actually done
+    steps: int                          # optimiser steps done (always config.steps)
 
 
 @dataclass
@@ -144,61 +155,50 @@ def augment(images: torch.Tensor, n_views: int, cfg: DetectorConfig, generator: 
     return F.grid_sample(reps, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-class _Levels:
-    """Channel-last flattened features of one backbone: per level (N * h * w, C)."""
+class PFMDetector:
+    """Pre-trained feature mapping (Wan et al. 2022) for few-shot anomaly detection, with a
+    nearest-neighbour memory bank on the same features as a second score.
 
-    def __init__(self, feats: list[torch.Tensor]):
-        self.shapes = [tuple(f.shape[2:]) for f in feats]
-        self.flat = [f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).contiguous() for f in feats]
+    Holds the shared frozen backbones (``backbones``, never modified), its own mapping nets
+    (``mappings``), memory bank (``bank``, (M, D)), the two maps' good-image scales
+    (``scales``, (2,)), the calibration scores of good images it did not learn from and the
+    threshold derived from them.
+    """
 
+    config_class = DetectorConfig
 
-class PFMDetector(nn.Module):
-    """Pre-trained feature mapping (Wan et al. 2022) for few-shot anomaly detection."""
-
-    def __init__(self, config: DetectorConfig | None = None):
-        super().__init__()
+    def __init__(self, config: DetectorConfig | None = None, runtime: str | None = None):
+        """``runtime``: where the backbones run, "onnxruntime" or "torch" (default: see
+        ``anomaly.backbones.default_runtime``); it changes speed, not results (to ~1e-4)."""
         self.config = config or DetectorConfig()
-        self.source, self.target = load_pair(self.config.backbone)
+        self.backbones = load_pair(self.config.backbone, runtime)
         self.mappings = self._new_mappings()
-        self.register_buffer("calibration_scores", torch.empty(0))
-        self.register_buffer("_threshold", torch.tensor(float("nan")))
-        self.mappings.eval()
-        self._fold_mappings()
+        self.bank = torch.empty(0, self.embedding_channels)
+        self.scales = torch.ones(2)
+        self.calibration_scores = torch.empty(0)
+        self._threshold = float("nan")
 
-    # ------------------------------------------------------------------ construction
-
-    def _new_mappings(self) -> nn.ModuleList:
+    def _new_mappings(self) -> PFMMappings:
         cfg = self.config
-        return nn.ModuleList(
-            BidirectionalMapping(cs, ct, max(cfg.min_latent, round(cfg.latent_ratio * max(cs, ct))))
-            for cs, ct in zip(self.source.channels, self.target.channels))
+        source, target = self.backbones.source.channels, self.backbones.target.channels
+        latents = [max(cfg.min_latent, round(cfg.latent_ratio * max(cs, ct))) for cs, ct in zip(source, target)]
+        return PFMMappings(source, target, latents, cfg.position_encoding)
 
-    def state_dict(self, *args, **kwargs):  # the frozen backbones are not part of a detector file
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items()
-                if not k.startswith(("source.", "target."))}
-
-    def load_state_dict(self, *args, **kwargs):
-        result = super().load_state_dict(*args, **kwargs)
-        self._fold_mappings()
-        return result
-
-    def _fold_mappings(self) -> None:
-        """Refresh the BatchNorm-folded copies of ``self.mappings`` that predictions use; called
-        wherever the mappings change (construction, fit, load_state_dict). A plain tuple, so they
-        are neither submodules nor part of the state dict."""
-        self.mappings.eval()
-        self._inference_mappings = tuple(fold_batchnorm(net) for net in self.mappings)
+    @property
+    def embedding_channels(self) -> int:
+        """D, the length of a memory-bank vector."""
+        return embedding_channels(self.backbones.source.channels)
 
     # ------------------------------------------------------------------ fitted state
 
     @property
     def is_fitted(self) -> bool:
-        return not math.isnan(float(self._threshold))
+        return not math.isnan(self._threshold)
 
     @property
     def threshold(self) -> float:
         self._require_fitted()
-        return float(self._threshold)
+        return self._threshold
 
     @property
     def score_range(self) -> tuple[float, float]:
@@ -208,7 +208,20 @@ class PFMDetector(nn.Module):
         lo = min(lo, thr * 0.5)
         return lo, thr + (thr - lo)
 
-    config_class = DetectorConfig
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything fitted, by name: what a detector file holds besides the config."""
+        return {**{f"mappings.{k}": v for k, v in self.mappings.state_dict().items()},
+                "bank": self.bank, "scales": self.scales, "calibration_scores": self.calibration_scores,
+                "threshold": torch.tensor(self._threshold)}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Adopt ``tensors()`` of a detector with the same config (shapes checked by the caller)."""
+        self.mappings.load_state_dict({k.removeprefix("mappings."): v for k, v in tensors.items()
+                                       if k.startswith("mappings.")})
+        self.mappings.eval()
+        self.bank, self.scales = tensors["bank"], tensors["scales"]
+        self.calibration_scores = tensors["calibration_scores"]
+        self._threshold = float(tensors["threshold"])
 
     def save(self, path) -> Path:
         """Write the fitted detector to one .safetensors file (no pickled objects)."""
@@ -223,116 +236,39 @@ class PFMDetector(nn.Module):
         if not self.is_fitted:
             raise RuntimeError("the detector is not fitted yet: call fit() with good reference images first")
 
-    # ------------------------------------------------------------------ features
-
-    def _features(self, images: torch.Tensor, progress: Progress | None = None,
-                  chunk: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(N, 3, S, S) -> source and target features, per level (N, C_l, h_l, w_l)."""
-        parts_s, parts_t = [], []
-        for start in range(0, images.shape[0], chunk):
-            batch = images[start:start + chunk]
-            parts_s.append(self.source(batch))
-            parts_t.append(self.target(batch))
-            if progress:
-                progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
-        cat = lambda parts: [torch.cat([p[l] for p in parts]) for l in range(len(parts[0]))]
-        return cat(parts_s), cat(parts_t)
-
-    def _net_inputs(self, flat_s: torch.Tensor, flat_t: torch.Tensor,
-                    positions: torch.Tensor | None, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the position encoding (if configured) to the vectors entering the nets."""
-        if not self.config.position_encoding:
-            return flat_s, flat_t
-        h, w = hw
-        pe_s = position_encoding(flat_s.shape[1], h, w).reshape(h * w, -1)
-        pe_t = position_encoding(flat_t.shape[1], h, w).reshape(h * w, -1)
-        return flat_s + pe_s[positions], flat_t + pe_t[positions]
-
-    # ------------------------------------------------------------------ training
-
-    def _train(self, phases: list[tuple[_Levels, _Levels, int]], seed: int,
-               progress: Progress | None = None, between: Callable[[nn.ModuleList], None] | None = None
-               ) -> tuple[nn.ModuleList, int]:
-        """Fit fresh mapping nets on cached features, phase after phase, one cosine schedule.
-
-        phases: (source levels, target levels, steps) each; ``between(mappings)`` is called (in
-        eval mode) after every phase but the last. Returns the nets in eval mode and the number
-        of steps done.
-        """
-        cfg = self.config
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            mappings = self._new_mappings()
-        generator = torch.Generator().manual_seed(seed)
-        total = sum(steps for _, _, steps in phases)
-        optimiser = torch.optim.Adam(mappings.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     fused=True)          # one kernel per step: ~25 % faster fit on CPU
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
-        started, done, out_of_time = time.perf_counter(), 0, False
-        for phase, (src, tgt, steps) in enumerate(phases):
-            mappings.train()
-            for _ in range(0 if out_of_time else steps):
-                loss = 0.0
-                for level, net in enumerate(mappings):
-                    n = src.flat[level].shape[0]
-                    idx = torch.randint(n, (min(cfg.batch, n),), generator=generator)
-                    s, t = src.flat[level][idx], tgt.flat[level][idx]
-                    h, w = src.shapes[level]
-                    s_in, t_in = self._net_inputs(s, t, idx % (h * w), (h, w))
-                    loss = loss + mapping_error(net, s, t, s_in, t_in).mean()
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                done += 1
-                if progress and done % 10 == 0:
-                    progress(done / total, f"training mapping networks ({done}/{total} steps)")
-                if time.perf_counter() - started > cfg.max_train_seconds:
-                    log.warning("training stopped at step %d/%d: max_train_seconds=%.0f reached",
-                                done, total, cfg.max_train_seconds)
-                    out_of_time = True
-                    break
-            mappings.eval()
-            if between is not None and phase < len(phases) - 1:
-                between(mappings)
-        return mappings, done
-
     # ------------------------------------------------------------------ scoring
 
     @torch.inference_mode()
-    def _maps(self, feats_s: list[torch.Tensor], feats_t: list[torch.Tensor],
-              mappings: nn.ModuleList | None = None) -> torch.Tensor:
-        """Features per level (B, C, h, w) -> smoothed anomaly maps (B, S, S).
+    def _components(self, mappings: PFMMappings, bank: torch.Tensor, source: list[torch.Tensor],
+                    target: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw features per level [(B, C_l, h_l, w_l)] -> [PFM error, bank distance], each
+        (B, h_0, w_0) unsmoothed at the finest level's resolution; a map of weight 0 is zeros."""
+        weights = SCORES[self.config.score]
+        fine = source[0].shape[2:]
+        B = source[0].shape[0]
+        pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else torch.zeros(B, *fine)
+        if weights[1]:
+            knn = distance_maps(patch_embedding(source), bank)                         # (B, 1, h_1, w_1)
+            knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
+        else:
+            knn = torch.zeros(B, *fine)
+        return [pfm, knn]
 
-        ``mappings`` default: the fitted nets, BatchNorm folded. The levels are averaged and smoothed at the finest level's resolution (stride 4), then
-        upsampled to S x S: the same map as smoothing at S x S, at a sixteenth of the cost.
-        """
-        mappings = self._inference_mappings if mappings is None else mappings
-        S = self.config.image_size
-        fine = feats_s[0].shape[2:]                                        # (h_0, w_0)
-        total = 0.0
-        for level, net in enumerate(mappings):
-            fs, ft = feats_s[level], feats_t[level]
-            B, _, h, w = fs.shape
-            s = fs.permute(0, 2, 3, 1).reshape(B * h * w, -1)              # (B*h*w, C_S)
-            t = ft.permute(0, 2, 3, 1).reshape(B * h * w, -1)              # (B*h*w, C_T)
-            positions = torch.arange(h * w).repeat(B)
-            s_in, t_in = self._net_inputs(s, t, positions, (h, w))
-            err = mapping_error(net, s, t, s_in, t_in).reshape(B, 1, h, w)
-            total = total + (err if (h, w) == fine else
-                             F.interpolate(err, size=fine, mode="bilinear", align_corners=False))
-        maps = gaussian_blur(total[:, 0] / len(mappings), self.config.sigma * fine[0] / 256)
-        return F.interpolate(maps[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
-
-    @staticmethod
-    def _scores(maps: torch.Tensor) -> torch.Tensor:
-        """(B, S, S) -> (B,) image scores: the maximum of the smoothed map."""
-        return maps.flatten(1).amax(1)
+    def _smoothed(self, components: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
+        """``_components`` -> (B, S, S) final anomaly maps."""
+        combined = combine(components, SCORES[self.config.score], scales)
+        return smooth(combined, self.config.sigma, self.config.image_size)
 
     # ------------------------------------------------------------------ public API
 
     def fit(self, images: Sequence[ImageLike], progress: Progress | None = None) -> FitReport:
-        """Learn the mapping from k good images (1 <= k <= MAX_REFERENCES) and calibrate."""
+        """Learn from k good images (1 <= k <= MAX_REFERENCES) and calibrate the threshold.
+
+        ceil(k / 3) held-out references (none for k = 1) stay out of the mapping nets' first
+        ``holdout_steps`` of training, and each is scored against the memory bank without its
+        own vectors: their views set both maps' scales and the calibration scores. With one reference, fresh
+        augmented views of it play that part, their scores raised by ``single_reference_margin``.
+        """
         cfg = self.config
         if isinstance(images, (str, bytes, Image.Image, np.ndarray)):
             images = [images]
@@ -344,40 +280,70 @@ class PFMDetector(nn.Module):
         pil = [load_image(im, name=f"reference {i + 1}") for i, im in enumerate(images)]
         refs, _ = to_tensor(pil, cfg.image_size, cfg.resize)                             # (k, 3, S, S)
         n_views = max(1, math.ceil(cfg.views / k))
-        views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))
-        feats_s, feats_t = self._features(views, report(0.0, 0.3))
-        src, tgt = _Levels(feats_s), _Levels(feats_t)
+        views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))     # (k*V, 3, S, S)
+        feats_s, feats_t = self.backbones.features(views, report(0.0, 0.3))               # raw, per level
+        bank, bank_view = self._memory_bank(feats_s, report(0.3, 0.4))                    # (M, D), (M,)
+        unit_s, unit_t = unit(feats_s), unit(feats_t)                                     # PFM's inputs
 
-        held_out = _held_out(k, cfg.seed)                                 # (k,) bool
-        calibration: list[torch.Tensor] = []
+        reference = torch.arange(k).repeat_interleave(n_views)                            # (k*V,) of each view
+        held_out = _held_out(k, cfg.seed)[reference]                                      # (k*V,) bool
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            mappings = self._new_mappings()
+        schedule = TrainingSchedule(cfg.steps, cfg.batch, cfg.lr, cfg.weight_decay)
+        calibration: list[list[torch.Tensor]] = []
 
-        def score_held_out(mappings: nn.ModuleList) -> None:
-            originals = held_out.repeat_interleave(n_views) & (torch.arange(len(views)) % n_views == 0)
-            maps = self._maps([f[originals] for f in feats_s], [f[originals] for f in feats_t], mappings)
-            calibration.append(self._scores(maps))
+        def score_held_out(partial: PFMMappings) -> None:
+            """Each held-out reference's views, by the nets trained without them and the bank
+            without that reference's own vectors."""
+            parts = []
+            for r in reference[held_out].unique().tolist():
+                own = reference == r
+                parts.append(self._components(partial, bank[reference[bank_view] != r],
+                                              [f[own] for f in feats_s], [f[own] for f in feats_t]))
+            calibration.append([torch.cat(maps) for maps in zip(*parts)])
 
         if held_out.any():
-            kept = (~held_out).repeat_interleave(n_views)
             first = round(cfg.steps * cfg.holdout_steps)
-            phases = [(_Levels([f[kept] for f in feats_s]), _Levels([f[kept] for f in feats_t]), first),
-                      (_Levels(feats_s), _Levels(feats_t), cfg.steps - first)]
+            phases = [(FeatureVectors([f[~held_out] for f in unit_s]),
+                       FeatureVectors([f[~held_out] for f in unit_t]), first),
+                      (FeatureVectors(unit_s), FeatureVectors(unit_t), cfg.steps - first)]
         else:
-            phases = [(_Levels(feats_s), _Levels(feats_t), cfg.steps)]
-        mappings, steps_done = self._train(phases, cfg.seed, report(0.3, 0.95), between=score_held_out)
-        if not calibration:  # a single reference: score fresh augmented views of it instead
+            phases = [(FeatureVectors(unit_s), FeatureVectors(unit_t), cfg.steps)]
+        train_mappings(mappings, phases, schedule, cfg.seed, report(0.4, 0.95), between=score_held_out)
+        margin = 0.0
+        if not calibration:   # a single reference: fresh augmented views of it stand in
             fresh = augment(refs, 9, cfg, torch.Generator().manual_seed(cfg.seed + 1))[1:]
-            maps = self._maps(*self._features(fresh), mappings)
-            calibration.append(self._scores(maps) * (1.0 + cfg.single_reference_margin))
-        self.mappings = mappings
-        self._fold_mappings()
-        self.calibration_scores = calibration[0]
-        self._threshold = self.calibration_scores.max() * (1.0 + cfg.threshold_margin)
+            calibration.append(self._components(mappings, bank, *self.backbones.features(fresh)))
+            margin = cfg.single_reference_margin
+        components = calibration[0]
+        scales = torch.stack([c.mean() if c.any() else torch.tensor(1.0) for c in components])
+        scores = image_scores(self._smoothed(components, scales)) * (1.0 + margin)
+
+        self.mappings, self.bank, self.scales = mappings, bank, scales
+        self.calibration_scores = scores
+        self._threshold = calibrated_threshold(scores, cfg.threshold_margin)
         seconds = time.perf_counter() - started
         if progress:
             progress(1.0, "done")
         log.info("fitted on %d references (%d views) in %.1f s, threshold %.4f",
-                 k, views.shape[0], seconds, float(self._threshold))
-        return FitReport(k, views.shape[0], seconds, float(self._threshold), steps_done)
+                 k, views.shape[0], seconds, self._threshold)
+        return FitReport(k, views.shape[0], seconds, self._threshold, cfg.steps)
+
+    def _memory_bank(self, feats_s: list[torch.Tensor], progress: Progress | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training views' raw source features -> (bank (M, D), index of the view each vector came
+        from (M,)), M <= bank_size, by greedy coreset selection; an empty bank where the score
+        does not use it."""
+        if not SCORES[self.config.score][1]:
+            return torch.empty(0, self.embedding_channels), torch.empty(0, dtype=torch.long)
+        embeddings = patch_embedding(feats_s)                                         # (V, D, h, w)
+        V, _, h, w = embeddings.shape
+        vectors = flatten(embeddings)                                                 # (V*h*w, D)
+        if progress:
+            progress(0.0, "building the memory bank")
+        chosen = greedy_coreset(vectors, self.config.bank_size, torch.Generator().manual_seed(self.config.seed))
+        return vectors[chosen].contiguous(), chosen // (h * w)
 
     @torch.inference_mode()
     def anomaly_maps(self, images: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
@@ -386,15 +352,16 @@ class PFMDetector(nn.Module):
         pil = [load_image(im, name=f"image {i + 1}") for i, im in enumerate(images)]
         return self._maps_of(pil)
 
+    @torch.inference_mode()
     def _maps_of(self, pil: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """PIL images -> (maps (N, S, S) over each image's content, scores (N,))."""
         S = self.config.image_size
         x, content = to_tensor(pil, S, self.config.resize)
-        maps = self._maps(*self._features(x))
+        maps = self._smoothed(self._components(self.mappings, self.bank, *self.backbones.features(x)), self.scales)
         if self.config.resize == "pad":   # crop the mirrored margin, stretch the content to S x S
             maps = torch.cat([F.interpolate(m[None, None, :h, :w], size=(S, S), mode="bilinear",
                                             align_corners=False)[0] for m, (h, w) in zip(maps, content)])
-        return maps.numpy().astype(np.float32), self._scores(maps).numpy()
+        return maps.numpy().astype(np.float32), image_scores(maps).numpy()
 
     def predict(self, images: ImageLike | Sequence[ImageLike], resolution: str = "input"):
         """One image -> Prediction; a list -> list of Predictions.
@@ -420,6 +387,11 @@ class PFMDetector(nn.Module):
             out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)),
                                   bool(score > thr), thr))
         return out[0] if single else out
+
+
+def unit(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Features per level [(B, C, h, w)] -> the same, L2-normalised over channels (PFM's inputs)."""
+    return [F.normalize(f, dim=1) for f in features]
 
 
 def _held_out(k: int, seed: int) -> torch.Tensor:

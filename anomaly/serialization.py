@@ -1,6 +1,7 @@
 """Saving a fitted detector as one safetensors file, and loading it back without running code.
 
-The file holds the mapping nets' tensors, the calibration scores and the threshold; its
+The file holds the mapping nets' tensors, the memory bank, the maps' scales, the calibration
+scores and the threshold; its
 metadata holds the format name and version and the config as JSON. Nothing is unpickled:
 a file is checked (header size, format, config types, tensor names and shapes) before use.
 """
@@ -16,20 +17,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = "pfm-anomaly-detector"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 MAX_HEADER_BYTES = 1_000_000
 
 
 def save_detector(detector, path: str | Path) -> Path:
     """Write a fitted detector to ``path`` (one .safetensors file)."""
     detector._require_fitted()
-    tensors = {k: v.detach().contiguous() for k, v in detector.state_dict().items()}
+    tensors = {k: v.detach().contiguous() for k, v in detector.tensors().items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": json.dumps(dataclasses.asdict(detector.config)),
-        "source_backbone": detector.source.name,
-        "target_backbone": detector.target.name,
+        "source_backbone": detector.backbones.source.name,
+        "target_backbone": detector.backbones.target.name,
     }
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
@@ -37,35 +38,46 @@ def save_detector(detector, path: str | Path) -> Path:
 
 
 def load_detector(cls, path: str | Path):
-    """Read a file written by ``save_detector``; ValueError if it is not one."""
+    """Read a file written by ``save_detector``; ValueError if it is not one.
+
+    The config is bounded (``DetectorConfig.RANGES``) before the detector is built, and every
+    tensor's name, shape, dtype and values are checked before any is used.
+    """
     path = Path(path)
     metadata = read_metadata(path)
-    config = _config_from_json(cls.config_class(), metadata["config"])
+    try:
+        config = _config_from_json(cls.config_class(), metadata["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path.name}: invalid detector config ({err})") from err
     detector = cls(config)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path.name}: corrupt detector file ({err})") from err
-    expected = detector.state_dict()
+    expected = detector.tensors()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path.name}: tensors do not match the config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for key, value in expected.items():
+        shape = tuple(tensors[key].shape)
         if key == "calibration_scores":
-            if tensors[key].ndim != 1 or not 1 <= tensors[key].numel() <= 10_000:
+            if len(shape) != 1 or not 1 <= shape[0] <= 10_000:
                 raise ValueError(f"{path.name}: calibration_scores must be a 1-D tensor of 1..10000 values")
-        elif tensors[key].shape != value.shape:
-            raise ValueError(f"{path.name}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                             f"the config needs {tuple(value.shape)}")
+        elif key == "bank":
+            if len(shape) != 2 or shape[1] != value.shape[1] or shape[0] > config.bank_size:
+                raise ValueError(f"{path.name}: bank has shape {shape}, the config needs "
+                                 f"(at most {config.bank_size}, {value.shape[1]})")
+        elif shape != tuple(value.shape):
+            raise ValueError(f"{path.name}: tensor {key} has shape {shape}, the config needs {tuple(value.shape)}")
         if tensors[key].dtype != value.dtype:
             raise ValueError(f"{path.name}: tensor {key} has dtype {tensors[key].dtype}, expected {value.dtype}")
         if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
             raise ValueError(f"{path.name}: tensor {key} holds NaN or infinity")
-    detector.calibration_scores = tensors.pop("calibration_scores")
-    detector.load_state_dict(tensors, strict=False)
-    detector.mappings.eval()
+    if not float(tensors["threshold"]) > 0 or not (tensors["scales"] > 0).all():
+        raise ValueError(f"{path.name}: threshold and scales must be positive")
+    detector.load_tensors(tensors)
     return detector
 
 

@@ -53,14 +53,25 @@ THUMB_SIDE = 224                                # longer side of gallery thumbna
 CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
 
 
-def detector_config(backbone: str = DEFAULT_PAIR) -> DetectorConfig:
-    """The config the app fits with: defaults, plus overrides from $ANOMALY_APP_CONFIG (JSON)."""
+PARTS_TURN_ROTATION = 180.0      # "parts lie at any angle": augment with any rotation
+SMALL_DEFECTS_SIZE = 384         # "small defects": a finer model resolution, slower
+
+
+def detector_config(backbone: str = DEFAULT_PAIR, parts_turn: bool = False,
+                    small_defects: bool = False) -> DetectorConfig:
+    """The config the app fits with: defaults, plus overrides from $ANOMALY_APP_CONFIG (JSON),
+    plus the visitor's two choices (``parts_turn``, ``small_defects``)."""
     overrides = json.loads(os.environ.get(CONFIG_ENV) or "{}")
     known = {f.name for f in fields(DetectorConfig)}
     if not isinstance(overrides, dict) or set(overrides) - known:
         raise ValueError(f"${CONFIG_ENV} must be a JSON object with keys from {sorted(known)}, "
                          f"got {overrides!r}")
-    return DetectorConfig(**{**overrides, "backbone": backbone})
+    overrides["backbone"] = backbone
+    if parts_turn:
+        overrides["rotation"] = PARTS_TURN_ROTATION
+    if small_defects:
+        overrides["image_size"] = SMALL_DEFECTS_SIZE
+    return DetectorConfig(**overrides)
 
 
 def shrink(image: Image.Image, side: int = WORK_SIDE) -> Image.Image:
@@ -160,15 +171,19 @@ class InspectionSession:
         return self.detector is not None
 
     @_locked
-    def fit(self, backbone: str = DEFAULT_PAIR, progress: Progress | None = None) -> FitReport:
+    def fit(self, backbone: str = DEFAULT_PAIR, progress: Progress | None = None, *,
+            parts_turn: bool = False, small_defects: bool = False) -> FitReport:
         """Fit a new detector on ``training_images()`` and rescore the results with it."""
+        return self._fit(detector_config(backbone, parts_turn, small_defects), progress)
+
+    def _fit(self, config: DetectorConfig, progress: Progress | None) -> FitReport:
         images = self.training_images()
         if not images:
             raise ValueError("Add at least one good reference image (step 1) before fitting.")
         if len(images) > MAX_REFERENCES:
             raise ValueError(f"{len(images)} good images; the limit is {MAX_REFERENCES}. "
                              f"Remove some references or unmark some results.")
-        detector = PFMDetector(detector_config(backbone))
+        detector = PFMDetector(config)
         share = 0.9 if self.results else 1.0
         report = detector.fit(images, _scaled(progress, 0.0, share))
         self._adopt(detector, _scaled(progress, share, 1.0))
@@ -355,8 +370,7 @@ class InspectionSession:
         raise ValueError(f"no result named {name!r}")
 
     @_locked
-    def mark(self, index: int, label: bool | None, backbone: str | None = None,
-             progress: Progress | None = None) -> FitReport | None:
+    def mark(self, index: int, label: bool | None, progress: Progress | None = None) -> FitReport | None:
         """Mark result ``index`` good (False), defect (True) or unmarked (None).
 
         Marking good adds the image to the references, and taking that mark away removes it;
@@ -373,7 +387,7 @@ class InspectionSession:
                              "then mark images as good.")
         result.label = label
         try:
-            return self.fit(backbone or self.detector.config.backbone, progress)
+            return self._fit(self.detector.config, progress)        # the same choices as before
         except Exception:
             result.label = old
             raise

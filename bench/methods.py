@@ -25,7 +25,7 @@ from PIL import Image
 
 from anomaly.backbones import EFFNET_LITE_NORM, build_effnet_lite_classifier, load_extractor
 from anomaly.detector import DetectorConfig, PFMDetector, to_tensor
-from anomaly.mapping import gaussian_blur
+from anomaly.scoring import gaussian_blur
 
 METHODS = ("pfm", "knn", "patchcore", "padim")
 ANOMALIB_METHODS = ("patchcore", "padim")

@@ -128,7 +128,7 @@ def run_session(index: int, url: str, refs: list[Path], images: list[Path], resu
         start.wait(timeout=120)
         client.predict([handle_file(str(p)) for p in refs], api_name="/set_references")
         t0 = time.perf_counter()
-        out = client.predict("effnet-lite", 0.5, True, api_name="/fit")
+        out = client.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")
         result["fit_s"] = time.perf_counter() - t0
         result["threshold"] = float(out[1]["value"])
         sent = set()
@@ -165,7 +165,7 @@ def warm_up(url: str, refs: list[Path], image: Path) -> None:
     client = Client(url, verbose=False)
     try:
         client.predict([handle_file(str(p)) for p in refs], api_name="/set_references")
-        client.predict("effnet-lite", 0.5, True, api_name="/fit")
+        client.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")
         client.predict([handle_file(str(image))], 0.5, True, api_name="/inspect")
     finally:
         client.close()

@@ -176,7 +176,7 @@ def test_gradio_client_sessions_are_separate(server, brick):
     for client, refs in ((alice, brick.references[:3]), (bob, gravel.references[:4])):
         _, count = client.predict([handle_file(str(p)) for p in refs], api_name="/set_references")
         assert count.startswith(f"**{len(refs)} good images**")
-        out = client.predict("effnet-lite", 0.5, True, api_name="/fit")
+        out = client.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")
         fitted[client] = out[1]["value"]                          # the slider: calibrated
         assert out[0].startswith(f"**Fitted on {len(refs)} good images")
     assert fitted[alice] != fitted[bob]                               # each its own threshold

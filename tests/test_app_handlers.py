@@ -367,7 +367,7 @@ def message(call):
     return None
 
 progress = lambda *a, **k: None
-out["fit_without_refs"] = message(lambda: app.fit(None, "effnet-lite", 0.5, True, progress))
+out["fit_without_refs"] = message(lambda: app.fit(None, "effnet-lite", False, False, 0.5, True, progress))
 out["inspect_before_fit"] = message(lambda: app.inspect_files(None, ["x.png"], 0.5, True, progress))
 out["unknown_example"] = message(lambda: app.load_example(None, "nope"))
 
@@ -379,7 +379,7 @@ out["unexpected"] = message(crash)
 refs, tests = example_sets()["brick_wall"]
 s, gallery, count = app.set_references(None, [str(p) for p in refs[:3]])
 out["count"] = count
-s, fit_md, slider, gallery, count, *view = app.fit(s, "effnet-lite", 0.5, True, progress)
+s, fit_md, slider, gallery, count, *view = app.fit(s, "effnet-lite", False, False, 0.5, True, progress)
 out["fit_md"] = fit_md
 out["slider"] = [slider.minimum, slider.maximum, slider.value]
 slider, summary, table, results, selector, detail, detail_md, plot, labels, roc = app.inspect_files(
@@ -440,7 +440,7 @@ refs, tests = example_sets()["brick_wall"]
 alice, bob = Client(url, verbose=False), Client(url, verbose=False)
 for client in (alice, bob):
     client.predict([handle_file(str(p)) for p in refs[:3]], api_name="/set_references")
-    client.predict("effnet-lite", 0.5, True, api_name="/fit")
+    client.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")
     client.predict([handle_file(str(p)) for p in tests[:2]], 0.5, True, api_name="/inspect")
 out = {"open": sorted(app.OPEN_SESSIONS) == sorted([alice.session_hash, bob.session_hash])}
 alice_session = app.OPEN_SESSIONS[alice.session_hash]

@@ -72,3 +72,39 @@ def test_resnet_pair_without_weights_says_where_to_put_them(monkeypatch, tmp_pat
     finally:
         backbones._load.cache_clear()
     assert "resnet34-resnet50" in BACKBONE_PAIRS
+
+
+def test_onnxruntime_gives_the_same_features_and_maps_as_torch_on_real_photos(data_dir):
+    """Tolerances: features within 1e-3 of their largest magnitude; anomaly maps within 1e-3 of
+    the threshold; image scores within 0.1 %."""
+    from anomaly import DetectorConfig, PFMDetector
+    from anomaly.detector import to_tensor
+    from anomaly.image_io import load_image
+    from conftest import category_files
+    paths = category_files(data_dir, "screw", "test/thread_side", 2) + category_files(data_dir, "bottle", "test/good", 2)
+    x, _ = to_tensor([load_image(p) for p in paths], 256)
+    fast, reference = load_pair("effnet-lite", "onnxruntime"), load_pair("effnet-lite", "torch")
+    assert fast.source.runtime == "onnxruntime" and reference.source.runtime == "torch"
+    for a, b in zip(fast.features(x), reference.features(x)):
+        for level_a, level_b in zip(a, b):
+            torch.testing.assert_close(level_a, level_b, rtol=0, atol=1e-3 * float(level_b.abs().max()))
+    config = DetectorConfig(steps=20, views=8)
+    eager = PFMDetector(config, runtime="torch")
+    eager.fit(category_files(data_dir, "bottle", "train/good", 2))
+    onnx = PFMDetector(config, runtime="onnxruntime")
+    onnx.load_tensors(eager.tensors())
+    maps_a, scores_a = onnx.anomaly_maps(paths)
+    maps_b, scores_b = eager.anomaly_maps(paths)
+    assert np.abs(maps_a - maps_b).max() < 1e-3 * eager.threshold
+    np.testing.assert_allclose(scores_a, scores_b, rtol=1e-3)
+
+
+def test_runtime_is_chosen_by_environment(monkeypatch):
+    from anomaly.backbones import default_runtime
+    monkeypatch.setenv("ANOMALY_RUNTIME", "torch")
+    assert default_runtime() == "torch"
+    monkeypatch.setenv("ANOMALY_RUNTIME", "tensorrt")
+    with pytest.raises(ValueError, match="choose one of"):
+        default_runtime()
+    monkeypatch.delenv("ANOMALY_RUNTIME")
+    assert default_runtime() == "onnxruntime"            # installed by requirements.txt

@@ -29,7 +29,7 @@ def test_fit_reports_progress_and_calibrates(bottle):
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert {"extracting features"} <= {m for _, m in calls}
     assert report.n_references == 4 and det.is_fitted
-    assert len(det.calibration_scores) == 2                     # ceil(4 / 3) held-out references
+    assert len(det.calibration_scores) == 2 * 4                 # ceil(4 / 3) held-out references x 4 views
     assert det.threshold > float(det.calibration_scores.max())
     lo, hi = det.score_range
     assert lo < det.threshold < hi
@@ -55,7 +55,8 @@ def test_prediction_fields(bottle, data_dir):
     assert 0.0 <= pred.norm_score <= 1.0
     assert (pred.norm_score > 0.5) == pred.pred_label == (pred.pred_score > pred.threshold)
     assert pred.pred_score == pytest.approx(float(det.predict(path, resolution="model").anomaly_map.max()))
-    assert det.predict(path, resolution="model").anomaly_map.shape == (256, 256)
+    S = DetectorConfig.image_size
+    assert det.predict(path, resolution="model").anomaly_map.shape == (S, S)
     assert det.predict([]) == []
 
 
@@ -133,6 +134,36 @@ def test_folding_batchnorm_keeps_the_mapping_error():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_detectors_share_the_frozen_backbones_and_never_change_them(bottle, data_dir):
+    det, _, _ = bottle
+    other = PFMDetector(DetectorConfig(**SMALL))
+    assert other.backbones.source is det.backbones.source          # loaded once per process
+    assert not isinstance(det, torch.nn.Module)                     # no .train()/.half() reaching them
+    before = {k: v.clone() for k, v in det.backbones.source.state_dict().items()}
+    other.fit(category_files(data_dir, "bottle", "train/good", 2))
+    assert not det.backbones.source.training
+    for k, v in det.backbones.source.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert other.mappings is not det.mappings and other.bank.data_ptr() != det.bank.data_ptr()
+
+
+@pytest.mark.parametrize("score", ["pfm", "knn"])
+def test_each_score_alone_finds_defects(data_dir, score):
+    det = PFMDetector(DetectorConfig(score=score, **SMALL))
+    det.fit(category_files(data_dir, "bottle", "train/good", 4))
+    assert det.bank.shape[0] == (0 if score == "pfm" else DetectorConfig.bank_size)   # 16 views x 32 x 32 > 4096
+    good = det.predict(category_files(data_dir, "bottle", "test/good", 4))
+    bad = det.predict(category_files(data_dir, "bottle", "test/broken_large", 4))
+    assert min(p.pred_score for p in bad) > max(p.pred_score for p in good)
+
+
+def test_memory_bank_is_a_coreset_of_the_views(data_dir):
+    det = PFMDetector(DetectorConfig(bank_size=500, **SMALL))
+    det.fit(category_files(data_dir, "bottle", "train/good", 2))
+    assert det.bank.shape == (500, det.embedding_channels)
+    assert len(torch.unique(det.bank, dim=0)) == 500                 # no vector chosen twice
+
+
 def test_augment_keeps_originals_and_varies_the_rest():
     images = torch.rand(2, 3, 64, 64)
     views = augment(images, 4, DetectorConfig(), torch.Generator().manual_seed(0))
@@ -165,4 +196,5 @@ def test_pad_mode_end_to_end(data_dir):
     pred = det.predict(path)
     from PIL import Image
     assert pred.anomaly_map.shape == Image.open(path).size[::-1]
-    assert det.predict(path, resolution="model").anomaly_map.shape == (256, 256)
+    S = DetectorConfig.image_size
+    assert det.predict(path, resolution="model").anomaly_map.shape == (S, S)

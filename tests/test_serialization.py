@@ -42,7 +42,7 @@ def test_round_trip_keeps_config_threshold_and_calibration(saved):
     assert torch.equal(loaded.calibration_scores, det.calibration_scores)
     header, _ = _header(path)
     meta = header["__metadata__"]
-    assert meta["format_version"] == "1" and meta["source_backbone"] == "efficientnet_lite0"
+    assert meta["format_version"] == "2" and meta["source_backbone"] == "efficientnet_lite0"
 
 
 def test_saving_an_unfitted_detector_is_refused(tmp_path):
@@ -97,10 +97,10 @@ def test_foreign_safetensors_file(tmp_path):
 
 def test_wrong_tensor_shape(saved, tmp_path):
     det, _ = saved
-    tensors = {k: v.clone() for k, v in det.state_dict().items()}
+    tensors = {k: v.clone() for k, v in det.tensors().items()}
     key = next(k for k in tensors if k.endswith("shared.weight"))
     tensors[key] = torch.zeros(3, 3)
-    meta = {"format": "pfm-anomaly-detector", "format_version": "1",
+    meta = {"format": "pfm-anomaly-detector", "format_version": "2",
             "config": json.dumps(__import__("dataclasses").asdict(det.config))}
     path = tmp_path / "shape.safetensors"
     save_file(tensors, str(path), metadata=meta)
@@ -114,6 +114,13 @@ CONFIG_ATTACKS = [
     ({"backbone": ["effnet-lite"]}, "must be str"),
     ({"__class__": "os.system"}, "unknown fields"),
     ({"image_size": 100}, "image_size"),
+    ({"min_latent": 6000}, "min_latent"),              # would build multi-GB nets
+    ({"latent_ratio": 1e6}, "latent_ratio"),
+    ({"sigma": float("inf")}, "sigma"),                # json writes Infinity, Python reads it
+    ({"sigma": float("nan")}, "sigma"),
+    ({"sigma": 1e9}, "sigma"),                         # would size a huge blur kernel
+    ({"bank_size": 10**9}, "bank_size"),
+    ({"steps": -1}, "steps"),
 ]
 
 
@@ -126,6 +133,40 @@ def test_config_with_unexpected_types(saved, tmp_path, change, message):
     header["__metadata__"]["config"] = json.dumps(config)
     with pytest.raises(ValueError, match=message):
         PFMDetector.load(_write(tmp_path / "cfg.safetensors", header, body))
+
+
+@pytest.mark.parametrize("change,message", CONFIG_ATTACKS[5:])
+def test_out_of_range_config_is_refused_fast_and_small(saved, tmp_path, change, message):
+    import resource
+    import time
+    _, path = saved
+    header, body = _header(path)
+    config = json.loads(header["__metadata__"]["config"])
+    config.update(change)
+    header["__metadata__"]["config"] = json.dumps(config)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.process_time()
+    with pytest.raises(ValueError, match=message):
+        PFMDetector.load(_write(tmp_path / "cfg.safetensors", header, body))
+    assert time.process_time() - started < 5                     # CPU time, not wall-clock
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000   # KiB
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("threshold", torch.tensor(-1.0), "positive"),
+    ("scales", torch.tensor([1.0, float("nan")]), "NaN"),
+    ("bank", torch.zeros(10**5, 304), "bank"),
+    ("bank", torch.zeros(10, 7), "bank"),
+])
+def test_crafted_tensors_are_refused(saved, tmp_path, name, value, message):
+    det, path = saved
+    tensors = {k: v.clone() for k, v in det.tensors().items()}
+    tensors[name] = value
+    header, _ = _header(path)
+    bad = tmp_path / "t.safetensors"
+    save_file(tensors, str(bad), metadata=header["__metadata__"])
+    with pytest.raises(ValueError, match=message):
+        PFMDetector.load(bad)
 
 
 def test_config_that_is_not_json(saved, tmp_path):
