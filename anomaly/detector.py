@@ -266,8 +266,9 @@ class PFMDetector:
 
         ceil(k / 3) held-out references (none for k = 1) stay out of the mapping nets' first
         ``holdout_steps`` of training, and each is scored against the memory bank without its
-        own vectors: their views set both maps' scales and the calibration scores. With one reference, fresh
-        augmented views of it play that part, their scores raised by ``single_reference_margin``.
+        own vectors: their views set both maps' scales and the calibration scores. With one
+        reference, fresh augmented views of it play that part, their scores raised by
+        ``single_reference_margin``.
         """
         cfg = self.config
         if isinstance(images, (str, bytes, Image.Image, np.ndarray)):

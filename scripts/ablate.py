@@ -30,9 +30,9 @@ VARIANTS = {
     "no-augmentation": {"views": 1},
     "bank-1024": {"bank_size": 1024},
     "bank-16384": {"bank_size": 16384},
-    "sigma-4": {"sigma": 4.0},
+    "sigma-8": {"sigma": 8.0},
     "steps-100": {"steps": 100},
-    "320px": {"image_size": 320},
+    "256px": {"image_size": 256},
     "384px": {"image_size": 384},
 }
 

@@ -111,6 +111,9 @@ def test_detector_config_reads_overrides_and_keeps_the_backbone(monkeypatch):
         detector_config()
     monkeypatch.delenv(CONFIG_ENV)
     assert detector_config() == DetectorConfig()
+    turned = detector_config("effnet-lite", parts_turn=True, small_defects=True)
+    assert (turned.rotation, turned.image_size) == (180.0, 384)
+    assert (DetectorConfig().rotation, DetectorConfig().image_size) == (15.0, 320)
 
 
 def test_nothing_works_before_fit_and_says_what_to_do(brick):
@@ -318,7 +321,7 @@ def test_marks_refit_and_give_auroc_and_a_suggested_threshold(brick):
 def test_a_failed_refit_undoes_the_mark(fitted, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
-    monkeypatch.setattr(fitted, "fit", broken)
+    monkeypatch.setattr(session_module.PFMDetector, "fit", broken)     # the refit's detector fails
     before = snapshot(fitted)
     with pytest.raises(RuntimeError):
         fitted.mark(0, False)
@@ -390,6 +393,8 @@ out["gallery"] = len(results)
 out["detail"] = [im.size for im in detail]
 summary, *_ = app.set_threshold(s, 1e9, 0.5, True)
 out["summary_high"] = summary
+s4, *_ = app.set_references(None, [str(p) for p in refs[:4]])
+out["fit_md_4"] = app.fit(s4, "effnet-lite", False, False, 0.5, True, progress)[1]
 out["zip"] = app.export_zip(s).endswith(".zip")
 out["empty_view"] = app.render(None, 0.5, True)[0]
 print("RESULT" + json.dumps(out))
@@ -417,6 +422,8 @@ def test_app_handlers_in_a_child_process():
     assert "internal detail" not in out["unexpected"] and "unchanged" in out["unexpected"]
     assert out["count"].startswith("**3 good images**")
     assert out["fit_md"].startswith("**Fitted on 3 good images")
+    assert "Rough threshold" in out["fit_md"] and "1 of your 3 images" in out["fit_md"]
+    assert "Rough threshold" not in out["fit_md_4"]
     lo, hi, value = out["slider"]
     assert lo <= value <= hi
     assert out["rows"] == out["gallery"] == 6 and out["summary"].startswith("**6 images:")

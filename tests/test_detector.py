@@ -83,6 +83,27 @@ def test_same_seed_same_detector(data_dir):
     assert scores[0] == scores[1]
 
 
+def test_a_busy_machine_gives_the_same_detector(data_dir):
+    """Training runs a fixed number of steps, never against the clock: two CPU-bound processes
+    beside the fit change nothing."""
+    refs = category_files(data_dir, "bottle", "train/good", 3)
+    image = category_files(data_dir, "bottle", "test/broken_small", 1)
+
+    def fit_and_score():
+        det = PFMDetector(DetectorConfig(steps=40, views=12, seed=5))
+        report = det.fit(refs)
+        return report.steps, det.threshold, det.predict(image)[0].pred_score
+
+    idle = fit_and_score()
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = fit_and_score()
+    finally:
+        for p in burners:
+            p.kill()
+    assert busy == idle and idle[0] == 40
+
+
 def test_single_reference_gives_a_usable_threshold(data_dir):
     det = PFMDetector(DetectorConfig(**SMALL))
     det.fit(category_files(data_dir, "bottle", "train/good", 1))
