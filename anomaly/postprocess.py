@@ -104,6 +104,8 @@ def best_threshold(scores, labels) -> float:
 
     The threshold lies midway between the two neighbouring distinct scores it separates, so a
     separable set gets a threshold strictly between its highest good and lowest defect score.
+    Where calling everything a defect is best, it lies below the lowest score, and never below
+    0 when the scores are non-negative (anomaly scores), so it is always usable as a threshold.
     """
     s, y = _check_scores_labels(scores, labels)
     fpr, tpr, thresholds = roc_curve(s, y)
@@ -114,4 +116,6 @@ def best_threshold(scores, labels) -> float:
         below = distinct[i + 1]
     else:                                                     # everything is a defect
         below = distinct[i] - ((distinct[0] - distinct[-1]) or 1.0)
+        if distinct[i] >= 0:                                  # stay a valid (>= 0) threshold
+            below = max(below, -distinct[i])
     return float((distinct[i] + below) / 2.0)

@@ -47,7 +47,7 @@ Progress = Callable[[float, str], None]
 
 MAX_REFERENCES = min(64, CORE_MAX_REFERENCES)   # good images per session (uploaded + marked good)
 MAX_TEST_BATCH = 50                             # test images per inspection
-MAX_RESULTS = 50                                # results kept per session; the oldest go first
+MAX_RESULTS = 50                                # unmarked results kept per session; the oldest go first
 WORK_SIDE = 768                                 # longer side of the images a session keeps
 THUMB_SIDE = 224                                # longer side of gallery thumbnails
 CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
@@ -223,7 +223,8 @@ class InspectionSession:
         """Score (key, image) pairs not seen before -> (number scored, messages about the rest).
 
         ``key`` is the upload's path (its file name names the result). The new results are
-        appended; beyond MAX_RESULTS the oldest are dropped.
+        appended; beyond MAX_RESULTS unmarked results the oldest unmarked are dropped (results
+        marked good or defective are kept).
         """
         self._require_detector()
         items = list(items or [])
@@ -253,11 +254,13 @@ class InspectionSession:
         new = [Result(key, name, image, amap, score)
                for (key, name, image), (amap, score) in zip(fresh, scored)]
         self.results.extend(new)
-        dropped = len(self.results) - MAX_RESULTS
-        if dropped > 0:
-            self.results = self.results[dropped:]
-            problems.append(f"only the last {MAX_RESULTS} results are kept; the {dropped} oldest "
-                            f"were removed")
+        unmarked = [r for r in self.results if r.label is None]
+        dropped = len(unmarked) - MAX_RESULTS
+        if dropped > 0:      # marked results are references or feed the ROC: never evicted
+            gone = {id(r) for r in unmarked[:dropped]}
+            self.results = [r for r in self.results if id(r) not in gone]
+            problems.append(f"only the last {MAX_RESULTS} unmarked results are kept; the {dropped} "
+                            f"oldest unmarked were removed (marked ones are always kept)")
         self.selected = self.results.index(max(new, key=lambda r: r.score))
         return len(new), problems
 

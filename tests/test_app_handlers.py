@@ -249,6 +249,18 @@ def test_results_are_capped_oldest_first(fitted, brick, monkeypatch):
     assert s.next_photo_key() != s.next_photo_key()
 
 
+def test_marked_results_are_never_evicted(fitted, brick, monkeypatch):
+    s = InspectionSession()
+    s.detector, s.threshold = fitted.detector, fitted.threshold
+    monkeypatch.setattr(session_module, "MAX_RESULTS", 2)
+    s.inspect([(f"a/{p.name}", p) for p in brick.tests[:2]])
+    s.results[0].label, s.results[1].label = True, False           # marked defect, marked good
+    _, problems = s.inspect([(f"b/{p.name}", p) for p in brick.tests[:3]])
+    assert [r.key for r in s.results[:2]] == [f"a/{p.name}" for p in brick.tests[:2]]
+    assert [r.key for r in s.results[2:]] == [f"b/{p.name}" for p in brick.tests[1:3]]
+    assert "marked ones are always kept" in problems[0]
+
+
 @pytest.mark.slow
 def test_export_zip_has_overlay_mask_map_and_csv(fitted):
     s = fitted

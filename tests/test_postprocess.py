@@ -96,6 +96,12 @@ def test_best_threshold_with_overlap_maximises_youden():
     assert j(t) == max(j(s - 1e-9) for s in scores)
 
 
+def test_best_threshold_is_never_negative_for_anomaly_scores():
+    t = best_threshold([0.01, 0.9], [1, 0])           # reversed: calling everything defect wins
+    assert 0.0 <= t < 0.01
+    assert best_threshold([0.0, 0.9], [1, 0]) == 0.0
+
+
 def test_roc_curve_and_auroc_with_ties():
     fpr, tpr, thr = roc_curve([0.5, 0.5, 0.1, 0.9], [0, 1, 0, 1])
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
