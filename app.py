@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import threading
+import time
 
 import gradio as gr
 from PIL import ImageOps
@@ -28,7 +29,8 @@ from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, SMALL_
 
 log = logging.getLogger("app")
 
-SESSION_TTL_S = 2 * 3600        # an open tab's session is freed this long after its last change
+SESSION_TTL_S = 2 * 3600        # an open tab's session is freed this long after its last use
+REAP_EVERY_S = 60               # how often idle sessions are looked for
 FIT_CONCURRENCY = 1             # fits (and refits) run one at a time, in their own queue ...
 PREDICT_CONCURRENCY = 2         # ... so they never block the inspections of other visitors
 BACKBONE_LABELS = {
@@ -88,6 +90,7 @@ def session_for(session, request):
     """The visitor's session, created if the tab has none, and registered so that closing the
     tab frees it (see ``end_session``)."""
     session = session or InspectionSession()
+    session.touch()
     if request is not None and request.session_hash:
         with OPEN_SESSIONS_LOCK:
             OPEN_SESSIONS[request.session_hash] = session
@@ -99,6 +102,7 @@ def existing(session):
     if session is None or not session.is_fitted:
         raise gr.Error("No detector yet: fit one on good images (step 1) or load a saved "
                        "detector file first.", print_exception=False)
+    session.touch()
     return session
 
 
@@ -356,6 +360,32 @@ def free_session(session):
         return_freed_memory()
 
 
+def reap_idle_sessions(now: float | None = None) -> int:
+    """Free the sessions unused (no action of any kind) for SESSION_TTL_S -> how many.
+
+    Gradio's own state expiry counts from the last handler that *returned* the state, so an
+    engineer who inspects and moves the threshold for two hours would lose the session mid-work;
+    this counts from the last use instead (``InspectionSession.touch``)."""
+    now = time.monotonic() if now is None else now
+    with OPEN_SESSIONS_LOCK:
+        idle = [key for key, s in OPEN_SESSIONS.items() if now - s.last_used > SESSION_TTL_S]
+        sessions = [OPEN_SESSIONS.pop(key) for key in idle]
+    for session in sessions:
+        session.close()
+    if sessions:
+        return_freed_memory()
+    return len(sessions)
+
+
+def _reap_forever():
+    while True:
+        time.sleep(REAP_EVERY_S)
+        try:
+            reap_idle_sessions()
+        except Exception:  # the reaper must outlive any one failure
+            log.exception("freeing idle sessions failed")
+
+
 def end_session(request: gr.Request):
     """The tab was closed or reloaded (its heartbeat ended): free its session now rather than
     when Gradio drops closed sessions' state (an hour later). A tab that reconnects finds an
@@ -379,7 +409,7 @@ def return_freed_memory():
 # --------------------------------------------------------------------------- layout
 
 with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as demo:
-    state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=free_session)
+    state = gr.State(None, delete_callback=free_session)      # idle expiry: reap_idle_sessions
 
     gr.Markdown(
         "# Find defects from a few good examples\n"
@@ -561,6 +591,7 @@ def server_address(argv=None, environ=None):
 def launch(host="127.0.0.1", port=7860, **kwargs):
     """Start the server (queue, limits, allowed paths) -> what ``demo.launch`` returns."""
     demo.queue(default_concurrency_limit=4, max_size=64)
+    threading.Thread(target=_reap_forever, name="reap-idle-sessions", daemon=True).start()
     return demo.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES,
                        allowed_paths=[str(EXAMPLES_DIR)], show_error=False,
                        theme=gr.themes.Soft(), css=CSS, footer_links=["api"], **kwargs)

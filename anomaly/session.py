@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, fields
 from functools import wraps
@@ -130,6 +131,11 @@ class InspectionSession:
         self._photos = 0
         self._tmp: Path | None = None
         self._lock = threading.RLock()    # a tab can fire a fit and an inspection at once
+        self.last_used = time.monotonic()  # of any kind; see touch()
+
+    def touch(self) -> None:
+        """Note a use of this session (any action, reading included): idle time counts from here."""
+        self.last_used = time.monotonic()
 
     # ------------------------------------------------------------------ references
 

@@ -356,7 +356,7 @@ def test_real_photos_defect_scores_above_good(data_dir):
 # --------------------------------------------------------------------------- app.py glue
 
 APP_CHECKS = r"""
-import json, sys
+import json, sys, time
 import gradio as gr
 import app
 from anomaly import backbones
@@ -405,6 +405,19 @@ out["gallery"] = len(results)
 out["detail"] = [im.size for im in detail]
 summary, *_ = app.set_threshold(s, 1e9, 0.5, True)
 out["summary_high"] = summary
+s.last_used -= app.SESSION_TTL_S - 5           # nearly expired, then used: idle time restarts
+app.set_threshold(s, 1.0, 0.5, True)
+out["touched"] = time.monotonic() - s.last_used < 60
+Request = type("Request", (), {})
+idle_request, busy_request = Request(), Request()
+idle_request.session_hash, busy_request.session_hash = "idle-tab", "busy-tab"
+idle, busy = app.session_for(None, idle_request), app.session_for(None, busy_request)
+idle.references, busy.references = ["kept until reaped"], ["kept"]
+idle.last_used -= app.SESSION_TTL_S + 1
+busy.last_used -= app.SESSION_TTL_S - 60
+out["reaped"] = app.reap_idle_sessions()
+out["idle_freed"] = idle.references == [] and "idle-tab" not in app.OPEN_SESSIONS
+out["busy_kept"] = busy.references == ["kept"] and "busy-tab" in app.OPEN_SESSIONS
 s4, *_ = app.set_references(None, [str(p) for p in refs[:4]])
 out["fit_md_4"] = app.fit(s4, "effnet-lite", False, False, 0.5, True, progress)[1]
 out["zip"] = app.export_zip(s).endswith(".zip")
@@ -436,6 +449,7 @@ def test_app_handlers_in_a_child_process():
     assert out["fit_md"].startswith("**Fitted on 3 good images")
     assert "Rough threshold" in out["fit_md"] and "1 of your 3 images" in out["fit_md"]
     assert "Rough threshold" not in out["fit_md_4"]
+    assert out["touched"] and out["reaped"] == 1 and out["idle_freed"] and out["busy_kept"]
     lo, hi, value = out["slider"]
     assert lo <= value <= hi
     assert out["rows"] == out["gallery"] == 6 and out["summary"].startswith("**6 images:")
