@@ -22,6 +22,7 @@ from PIL import ImageOps
 
 from anomaly import BACKBONE_PAIRS, DetectorConfig, WeightsUnavailableError
 from anomaly.backbones import DEFAULT_PAIR, load_pair
+from anomaly.detector import held_out_count
 from anomaly.examples import EXAMPLES_DIR, example_sets
 from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
 from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, SMALL_DEFECTS_SIZE, THUMB_SIDE,
@@ -152,7 +153,7 @@ def rough_threshold_text(n: int) -> str:
         basis = ("it comes from augmented copies of your one image, not from another good part, "
                  "so it cannot know how much real parts vary")
     else:
-        held = -(-n // 3)
+        held = held_out_count(n)
         basis = (f"it comes from {held} of your {n} images, held out of training, so it has seen "
                  f"only {held} other good part{'s' * (held != 1)}")
     return (f"⚠️ **Rough threshold.** With {n} good image{'s' * (n != 1)} {basis}. Measured on three "

@@ -395,11 +395,15 @@ def unit(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return [F.normalize(f, dim=1) for f in features]
 
 
+def held_out_count(k: int) -> int:
+    """How many of k references calibrate the threshold: ceil(k / 3), none for k = 1."""
+    return math.ceil(k / 3) if k > 1 else 0
+
+
 def _held_out(k: int, seed: int) -> torch.Tensor:
-    """Which of k references calibrate the threshold: ceil(k / 3) of them, none for k = 1."""
+    """(k,) bool: which references are held out (``held_out_count`` of them, chosen by seed)."""
     mask = torch.zeros(k, dtype=torch.bool)
-    if k > 1:
-        mask[torch.randperm(k, generator=torch.Generator().manual_seed(seed))[:math.ceil(k / 3)]] = True
+    mask[torch.randperm(k, generator=torch.Generator().manual_seed(seed))[:held_out_count(k)]] = True
     return mask
 
 

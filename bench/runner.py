@@ -155,14 +155,9 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
     ratios are medians over repeats. PFM's predict is the app's: a PIL image in, a map at the
     image's own size out; the floor starts from the resized tensor (resize_ms is reported apart).
     """
-    source, target = load_pair(config.backbone)
+    extract = load_pair(config.backbone).features                      # what the fit runs, chunks of 8
     views = views_of(references, config)                               # (V, 3, S, S)
     detector = PFMDetector(config)
-
-    def extract(x: torch.Tensor, chunk: int = 8) -> None:
-        for start in range(0, x.shape[0], chunk):
-            source(x[start:start + chunk])
-            target(x[start:start + chunk])
 
     def timed(fn) -> float:
         start = time.perf_counter()
