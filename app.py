@@ -45,7 +45,7 @@ SMALL_DEFECTS_LABEL = (f"Small defects: model at {SMALL_DEFECTS_SIZE} px instead
                        f"{DetectorConfig.image_size} (finer, about 1.5x slower to fit and inspect)")
 STEADY_REFERENCES = 4          # below this many good images the app calls the threshold rough
 LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test images per batch "
-          f"(the last {MAX_RESULTS} results are kept), {MAX_FILE_BYTES // 2**20} MB and "
+          f"(the last {MAX_RESULTS} unmarked results are kept), {MAX_FILE_BYTES // 2**20} MB and "
           f"{MAX_PIXELS // 10**6} megapixels per image. Larger photos are shrunk to "
           f"{WORK_SIDE} px on the longer side before scoring.")
 OPEN_SESSIONS = {}              # Gradio session hash -> InspectionSession, for end_session
