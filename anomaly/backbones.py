@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compute import CPU_TURN
+
 log = logging.getLogger(__name__)
 
 BACKBONE_PAIRS: dict[str, tuple[str, str]] = {
@@ -288,8 +290,9 @@ class BackbonePair(NamedTuple):
         parts_s, parts_t = [], []
         for start in range(0, images.shape[0], chunk):
             batch = images[start:start + chunk]
-            parts_s.append(self.source.unnormalised(batch))
-            parts_t.append(self.target.unnormalised(batch))
+            with CPU_TURN:
+                parts_s.append(self.source.unnormalised(batch))
+                parts_t.append(self.target.unnormalised(batch))
             if progress:
                 progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
         cat = lambda parts: [torch.cat([p[level] for p in parts]) for level in range(len(parts[0]))]

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
 from .calibration import calibrated_threshold
+from .compute import CPU_TURN
 from .image_io import ImageLike, load_image
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
@@ -243,16 +244,17 @@ class PFMDetector:
                     target: list[torch.Tensor]) -> list[torch.Tensor]:
         """Raw features per level [(B, C_l, h_l, w_l)] -> [PFM error, bank distance], each
         (B, h_0, w_0) unsmoothed at the finest level's resolution; a map of weight 0 is zeros."""
-        weights = SCORES[self.config.score]
-        fine = source[0].shape[2:]
-        B = source[0].shape[0]
-        pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else torch.zeros(B, *fine)
-        if weights[1]:
-            knn = distance_maps(patch_embedding(source), bank)                         # (B, 1, h_1, w_1)
-            knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
-        else:
-            knn = torch.zeros(B, *fine)
-        return [pfm, knn]
+        with CPU_TURN:
+            weights = SCORES[self.config.score]
+            fine = source[0].shape[2:]
+            B = source[0].shape[0]
+            pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else torch.zeros(B, *fine)
+            if weights[1]:
+                knn = distance_maps(patch_embedding(source), bank)                         # (B, 1, h_1, w_1)
+                knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
+            else:
+                knn = torch.zeros(B, *fine)
+            return [pfm, knn]
 
     def _smoothed(self, components: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
         """``_components`` -> (B, S, S) final anomaly maps."""
@@ -284,7 +286,8 @@ class PFMDetector:
         views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))     # (k*V, 3, S, S)
         feats_s, feats_t = self.backbones.features(views, report(0.0, 0.3))               # raw, per level
         bank, bank_view = self._memory_bank(feats_s, report(0.3, 0.4))                    # (M, D), (M,)
-        unit_s, unit_t = unit(feats_s), unit(feats_t)                                     # PFM's inputs
+        with CPU_TURN:
+            unit_s, unit_t = unit(feats_s), unit(feats_t)                                 # PFM's inputs
 
         reference = torch.arange(k).repeat_interleave(n_views)                            # (k*V,) of each view
         held_out = _held_out(k, cfg.seed)[reference]                                      # (k*V,) bool
@@ -304,13 +307,14 @@ class PFMDetector:
                                               [f[own] for f in feats_s], [f[own] for f in feats_t]))
             calibration.append([torch.cat(maps) for maps in zip(*parts)])
 
-        if held_out.any():
-            first = round(cfg.steps * cfg.holdout_steps)
-            phases = [(FeatureVectors([f[~held_out] for f in unit_s]),
-                       FeatureVectors([f[~held_out] for f in unit_t]), first),
-                      (FeatureVectors(unit_s), FeatureVectors(unit_t), cfg.steps - first)]
-        else:
-            phases = [(FeatureVectors(unit_s), FeatureVectors(unit_t), cfg.steps)]
+        with CPU_TURN:
+            if held_out.any():
+                first = round(cfg.steps * cfg.holdout_steps)
+                phases = [(FeatureVectors([f[~held_out] for f in unit_s]),
+                           FeatureVectors([f[~held_out] for f in unit_t]), first),
+                          (FeatureVectors(unit_s), FeatureVectors(unit_t), cfg.steps - first)]
+            else:
+                phases = [(FeatureVectors(unit_s), FeatureVectors(unit_t), cfg.steps)]
         train_mappings(mappings, phases, schedule, cfg.seed, report(0.4, 0.95), between=score_held_out)
         margin = 0.0
         if not calibration:   # a single reference: fresh augmented views of it stand in
@@ -338,9 +342,10 @@ class PFMDetector:
         does not use it."""
         if not SCORES[self.config.score][1]:
             return torch.empty(0, self.embedding_channels), torch.empty(0, dtype=torch.long)
-        embeddings = patch_embedding(feats_s)                                         # (V, D, h, w)
-        V, _, h, w = embeddings.shape
-        vectors = flatten(embeddings)                                                 # (V*h*w, D)
+        with CPU_TURN:
+            embeddings = patch_embedding(feats_s)                                     # (V, D, h, w)
+            V, _, h, w = embeddings.shape
+            vectors = flatten(embeddings)                                             # (V*h*w, D)
         if progress:
             progress(0.0, "building the memory bank")
         chosen = greedy_coreset(vectors, self.config.bank_size, torch.Generator().manual_seed(self.config.seed))
@@ -358,7 +363,9 @@ class PFMDetector:
         """PIL images -> (maps (N, S, S) over each image's content, scores (N,))."""
         S = self.config.image_size
         x, content = to_tensor(pil, S, self.config.resize)
-        maps = self._smoothed(self._components(self.mappings, self.bank, *self.backbones.features(x)), self.scales)
+        with CPU_TURN:
+            maps = self._smoothed(self._components(self.mappings, self.bank, *self.backbones.features(x)),
+                                  self.scales)
         if self.config.resize == "pad":   # crop the mirrored margin, stretch the content to S x S
             maps = torch.cat([F.interpolate(m[None, None, :h, :w], size=(S, S), mode="bilinear",
                                             align_corners=False)[0] for m, (h, w) in zip(maps, content)])

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_linear_bn_eval
 
+from .compute import CPU_TURN
+
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     """Linear -> BatchNorm -> ReLU over the last axis; input (N, c_in) -> (N, c_out)."""
@@ -188,18 +190,19 @@ def train_mappings(mappings: PFMMappings, phases: list[tuple[FeatureVectors, Fea
     for phase, (src, tgt, steps) in enumerate(phases):
         mappings.train()
         for _ in range(steps):
-            loss = 0.0
-            for level, net in enumerate(mappings.nets):
-                n = src.flat[level].shape[0]
-                idx = torch.randint(n, (min(schedule.batch, n),), generator=generator)
-                s, t = src.flat[level][idx], tgt.flat[level][idx]
-                h, w = src.shapes[level]
-                s_in, t_in = mappings.inputs(s, t, idx % (h * w), (h, w))
-                loss = loss + mapping_error(net, s, t, s_in, t_in).mean()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            cosine.step()
+            with CPU_TURN:
+                loss = 0.0
+                for level, net in enumerate(mappings.nets):
+                    n = src.flat[level].shape[0]
+                    idx = torch.randint(n, (min(schedule.batch, n),), generator=generator)
+                    s, t = src.flat[level][idx], tgt.flat[level][idx]
+                    h, w = src.shapes[level]
+                    s_in, t_in = mappings.inputs(s, t, idx % (h * w), (h, w))
+                    loss = loss + mapping_error(net, s, t, s_in, t_in).mean()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                cosine.step()
             done += 1
             if progress and done % 10 == 0:
                 progress(done / schedule.steps, f"training mapping networks ({done}/{schedule.steps} steps)")

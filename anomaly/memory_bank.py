@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .compute import CPU_TURN
+
 EMBEDDING_LEVELS = (1, 2)              # strides 8 and 16 of the three levels
 
 
@@ -35,26 +37,30 @@ def flatten(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_coreset(vectors: torch.Tensor, size: int, generator: torch.Generator,
-                   projection: int = 32) -> torch.Tensor:
+                   projection: int = 32, turn: int = 256) -> torch.Tensor:
     """Indices (size,) of ``vectors`` (M, D) that cover them: farthest-point selection on a fixed
     random projection to ``projection`` dims (PatchCore's approximate greedy coreset; 32 dims
-    keep the projected vectors in cache: 2-9x faster than 128 here). All indices when M <= size."""
+    keep the projected vectors in cache: 2-9x faster than 128 here). All indices when M <= size.
+    Runs ``turn`` selections per turn on the CPU (see ``compute``)."""
     M = vectors.shape[0]
     if M <= size:
         return torch.arange(M)
     dims = min(projection, vectors.shape[1])
     basis = torch.randn(vectors.shape[1], dims, generator=generator) / dims ** 0.5
-    projected = (vectors @ basis).contiguous()                                    # (M, dims)
-    squares = projected.pow(2).sum(1)                                             # (M,)
+    with CPU_TURN:
+        projected = (vectors @ basis).contiguous()                                # (M, dims)
+        squares = projected.pow(2).sum(1)                                         # (M,)
     chosen = torch.empty(size, dtype=torch.long)
     chosen[0] = int(torch.randint(M, (1,), generator=generator))
     nearest = torch.full((M,), float("inf"))                                      # (M,) squared
-    for i in range(size):
-        if i:
-            chosen[i] = int(nearest.argmax())
-        c = int(chosen[i])
-        distance = torch.addmv(squares, projected, projected[c], alpha=-2.0).add_(squares[c])
-        torch.minimum(nearest, distance, out=nearest)
+    for block in range(0, size, turn):
+        with CPU_TURN:
+            for i in range(block, min(block + turn, size)):
+                if i:
+                    chosen[i] = int(nearest.argmax())
+                c = int(chosen[i])
+                distance = torch.addmv(squares, projected, projected[c], alpha=-2.0).add_(squares[c])
+                torch.minimum(nearest, distance, out=nearest)
     return chosen
 
 
