@@ -4,8 +4,12 @@
     python app.py --host 0.0.0.0 --port 8080   # or $ANOMALY_HOST / $ANOMALY_PORT
 
 A thin UI over ``anomaly/``: every handler calls one method of ``anomaly.session.
-InspectionSession`` (kept per browser tab in a ``gr.State``) and turns its ``ValueError`` /
-``RuntimeError`` into a ``gr.Error`` message. Drawing lives in ``anomaly.viz``.
+InspectionSession`` (kept per browser tab in a ``gr.State``) and turns its ``ValueError`` into a
+``gr.Error`` message. Drawing lives in ``anomaly.viz``.
+
+For a public deployment, $ANOMALY_MAX_SESSIONS caps the live sessions and
+$ANOMALY_MAX_STORED_MB the images they keep in memory; past either, new work is refused with a
+"busy, try again in a minute" message and running sessions lose nothing.
 """
 import argparse
 import ctypes
@@ -13,12 +17,12 @@ import ctypes.util
 import functools
 import gc
 import logging
+import math
 import os
 import threading
 import time
 
 import gradio as gr
-from PIL import ImageOps
 
 from anomaly import BACKBONE_PAIRS, DetectorConfig, WeightsUnavailableError
 from anomaly.backbones import DEFAULT_PAIR, load_pair
@@ -48,15 +52,18 @@ LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test im
           f"(the last {MAX_RESULTS} unmarked results are kept), {MAX_FILE_BYTES // 2**20} MB and "
           f"{MAX_PIXELS // 10**6} megapixels per image. Larger photos are shrunk to "
           f"{WORK_SIDE} px on the longer side before scoring.")
+MAX_SESSIONS = int(os.environ.get("ANOMALY_MAX_SESSIONS") or 40)          # live sessions
+MAX_STORED_BYTES = int(float(os.environ.get("ANOMALY_MAX_STORED_MB") or 4096) * 2**20)  # their images
 OPEN_SESSIONS = {}              # Gradio session hash -> InspectionSession, for end_session
 OPEN_SESSIONS_LOCK = threading.Lock()
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 if LIBC is not None and not hasattr(LIBC, "malloc_trim"):   # musl, macOS: nothing to trim
     LIBC = None
-VERDICT_COLOURS = {"DEFECT": (214, 39, 40), "OK": (44, 160, 44)}   # as in the score plot
 CSS = """
 .step-title h2 {margin-bottom: 0}
 #results-summary p {font-size: 1.1em}
+#results-gallery .caption-label, #ref-gallery .caption-label {white-space: normal; max-width: 100%;
+  overflow-wrap: anywhere}
 """
 
 
@@ -73,9 +80,9 @@ def user_errors(fn):
         except WeightsUnavailableError as err:
             raise gr.Error(f"This feature extractor is not available here: {err}",
                            title="Weights not available", print_exception=False) from None
-        except (ValueError, RuntimeError) as err:
+        except ValueError as err:               # the session's messages are meant for the user
             raise gr.Error(str(err), print_exception=False) from None
-        except Exception:
+        except Exception:                       # torch's RuntimeErrors included: logged, not shown
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error("Something went wrong on the server. Your detector and results are "
                            "unchanged; please try again.", print_exception=False) from None
@@ -89,13 +96,31 @@ def warn(messages):
 
 def session_for(session, request):
     """The visitor's session, created if the tab has none, and registered so that closing the
-    tab frees it (see ``end_session``)."""
+    tab frees it (see ``end_session``); a "busy" gr.Error when MAX_SESSIONS others are open."""
     session = session or InspectionSession()
     session.touch()
     if request is not None and request.session_hash:
         with OPEN_SESSIONS_LOCK:
-            OPEN_SESSIONS[request.session_hash] = session
+            if OPEN_SESSIONS.get(request.session_hash) is not session:
+                if len(OPEN_SESSIONS) >= MAX_SESSIONS:
+                    raise busy(f"{len(OPEN_SESSIONS)} visitors are using it (its limit)")
+                OPEN_SESSIONS[request.session_hash] = session
     return session
+
+
+def busy(why: str) -> gr.Error:
+    return gr.Error(f"The server is busy: {why}. Please try again in a minute; nothing you have "
+                    f"done so far is lost.", title="Busy", print_exception=False)
+
+
+def room_for_images():
+    """A "busy" gr.Error when the open sessions keep MAX_STORED_BYTES of images or more."""
+    with OPEN_SESSIONS_LOCK:
+        sessions = list(OPEN_SESSIONS.values())
+    stored = sum(s.stored_bytes() for s in sessions)
+    if stored >= MAX_STORED_BYTES:
+        raise busy(f"it holds {stored / 2**20:.0f} MB of images for its visitors (its limit is "
+                   f"{MAX_STORED_BYTES / 2**20:.0f} MB)")
 
 
 def existing(session):
@@ -164,17 +189,17 @@ def rough_threshold_text(n: int) -> str:
 
 
 def threshold_slider(s):
+    """The threshold slider over every score in the session; its numbers rounded to its step."""
     lo, hi, step = s.threshold_range()
-    return gr.Slider(minimum=lo, maximum=hi, step=step, value=s.threshold, interactive=True)
+    digits = max(0, -math.floor(math.log10(step)))
+    return gr.Slider(minimum=round(lo, digits), maximum=round(hi, digits), step=step,
+                     value=round(s.threshold, digits), interactive=True)
 
 
-def framed(image, verdict):
-    """A gallery thumbnail with a frame in the verdict's colour (red DEFECT, green OK)."""
-    return ImageOps.expand(image, border=max(4, image.width // 32), fill=VERDICT_COLOURS[verdict])
-
-
-def render(s, alpha, outline):
-    """Everything in step 3 and 4 drawn from the stored maps at the current threshold."""
+def render(s, alpha, outline, marks=True):
+    """Everything in step 3 and 4 drawn from the stored maps at the current threshold; with
+    ``marks`` False the marks' summary and ROC (which no threshold changes) are left as shown.
+    Thumbnails and photos come from the session's files, drawn once each."""
     if s is None or not s.is_fitted:
         return ("No results yet.", [], [], gr.Dropdown(choices=[], value=None), None,
                 "", None, "", gr.Plot(value=None, visible=False))
@@ -185,22 +210,27 @@ def render(s, alpha, outline):
                    f"{oks} OK** at threshold {s.threshold:.4g}.")
     else:
         summary = "Fitted. Now add test images (step 2)."
-    gallery = [(framed(s.overlay(s.results[i], alpha, outline, side=THUMB_SIDE), s.verdict(s.results[i])),
+    gallery = [(str(s.thumbnail_file(s.results[i], alpha)),
                 f"{s.verdict(s.results[i])} {s.norm_score(s.results[i]):.2f} · {s.results[i].name}")
                for i in order]
     names = [s.results[i].name for i in order]
     current = s.results[s.selected] if s.selected is not None and s.results else None
     selector = gr.Dropdown(choices=names, value=current.name if current else None)
     if current is not None:
-        detail = (current.image, s.overlay(current, alpha, outline))
+        detail = (str(s.photo_file(current)), s.overlay(current, alpha, outline))
         mark = {None: "You have not marked it.", False: "You marked it good.",
                 True: "You marked it defect."}[current.label]
-        detail_text = (f"**{current.name}: {s.verdict(current)}**. Score {current.score:.4g} "
+        also = (f" (uploaded as {current.uploaded_as}: an earlier image has that name)"
+                if current.uploaded_as else "")
+        detail_text = (f"**{current.name}{also}: {s.verdict(current)}**. Score {current.score:.4g} "
                        f"({s.norm_score(current):.2f} on the 0–1 scale where the threshold is 0.5); "
                        f"{100 * s.area_above(current):.1f} % of the image is above the threshold "
                        f"(magenta outline). {mark}")
     else:
         detail, detail_text = None, ""
+    head = (summary, s.table(), gallery, selector, detail, detail_text, s.score_figure())
+    if not marks:
+        return (*head, gr.skip(), gr.skip())
     labels = s.label_summary()
     if labels is None:
         labels_text = ("Mark at least one image good and one defective to see how well the scores "
@@ -213,8 +243,7 @@ def render(s, alpha, outline):
                        f"is **{labels.best_threshold:.4g}**. Images marked good are references "
                        f"now, so their scores are optimistic.")
         roc = gr.Plot(value=s.roc(), visible=True)
-    return (summary, s.table(), gallery, selector, detail, detail_text, s.score_figure(),
-            labels_text, roc)
+    return (*head, labels_text, roc)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -222,6 +251,7 @@ def render(s, alpha, outline):
 @user_errors
 def set_references(session, files, request: gr.Request = None):
     s = session_for(session, request)
+    room_for_images()
     warn(s.set_references(paths(files)))
     return (s, *reference_views(s))
 
@@ -237,6 +267,7 @@ def fit(session, backbone, parts_turn, small_defects, alpha, outline, progress=g
 @user_errors
 def inspect_files(session, files, alpha, outline, progress=gr.Progress()):
     s = existing(session)
+    room_for_images()
     items = [(p, p) for p in paths(files)]
     _, problems = s.inspect(items, as_progress(progress))
     warn(problems)
@@ -248,6 +279,7 @@ def inspect_photo(session, photo, alpha, outline):
     if photo is None:
         return (gr.skip(),) * (1 + len(VIEW))
     s = existing(session)
+    room_for_images()
     _, problems = s.inspect([(s.next_photo_key(), photo)])
     warn(problems)
     return (threshold_slider(s), *render(s, alpha, outline))
@@ -264,7 +296,7 @@ def clear_results(session, alpha, outline):
 def set_threshold(session, value, alpha, outline):
     s = existing(session)
     s.set_threshold(value)
-    return render(s, alpha, outline)
+    return render(s, alpha, outline, marks=False)
 
 
 @user_errors
@@ -288,14 +320,14 @@ def use_suggested_threshold(session, alpha, outline):
 def redraw(session, alpha, outline):
     if session is None or not session.is_fitted:
         return (gr.skip(),) * len(VIEW)
-    return render(session, alpha, outline)
+    return render(session, alpha, outline, marks=False)
 
 
 @user_errors
 def select_from_gallery(session, alpha, outline, evt: gr.SelectData):
     s = existing(session)
     s.select(s.order()[evt.index])
-    return render(s, alpha, outline)
+    return render(s, alpha, outline, marks=False)
 
 
 @user_errors
@@ -303,7 +335,7 @@ def select_by_name(session, name, alpha, outline):
     s = existing(session)
     if name:
         s.select_name(name)
-    return render(s, alpha, outline)
+    return render(s, alpha, outline, marks=False)
 
 
 def mark_handler(label):
@@ -346,6 +378,7 @@ def load_example(session, name, request: gr.Request = None):
                        print_exception=False)
     references, tests = sets[name]
     s = session_for(session, request)
+    room_for_images()
     warn(s.set_references(references))
     return (s, [str(p) for p in references], [str(p) for p in tests], *reference_views(s))
 
@@ -355,8 +388,11 @@ def reveal():
 
 
 def free_session(session):
-    """gr.State's delete callback: the tab's session expired."""
+    """gr.State's delete callback: Gradio dropped the tab's state."""
     if session is not None:
+        with OPEN_SESSIONS_LOCK:
+            for key in [k for k, s in OPEN_SESSIONS.items() if s is session]:
+                del OPEN_SESSIONS[key]
         session.close()
         return_freed_memory()
 

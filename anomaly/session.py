@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import wraps
 from pathlib import Path
 from typing import Callable, Sequence
@@ -42,7 +42,7 @@ from .detector import MAX_REFERENCES as CORE_MAX_REFERENCES
 from .detector import DetectorConfig, FitReport, PFMDetector
 from .image_io import ImageLike, load_image
 from .postprocess import auroc, best_threshold, binary_mask, normalize
-from .viz import colour_range, heatmap_overlay, mask_image, roc_figure, score_plot
+from .viz import colour_range, framed, heatmap_overlay, mask_image, roc_figure, score_plot
 
 Progress = Callable[[float, str], None]
 
@@ -52,6 +52,7 @@ MAX_RESULTS = 50                                # unmarked results kept per sess
 WORK_SIDE = 768                                 # longer side of the images a session keeps
 THUMB_SIDE = 224                                # longer side of gallery thumbnails
 CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
+RETIRED_FILES_GRACE_S = 60                      # drawings no longer shown are deleted after this
 
 
 PARTS_TURN_ROTATION = 180.0      # "parts lie at any angle": augment with any rotation
@@ -93,20 +94,23 @@ def _locked(method):
 
 @dataclass
 class Reference:
+    key: str                        # where it came from (upload path): kept, never read again
     name: str
     image: Image.Image              # RGB, longer side <= WORK_SIDE
 
 
-@dataclass
+@dataclass(eq=False)
 class Result:
     """One scored test image; ``label`` is the user's mark (True defect, False good, None)."""
 
     key: str                        # where it came from (upload path), to skip re-uploads
-    name: str
+    name: str                       # its file name, made unique in the session ("a (2).png")
     image: Image.Image              # RGB, longer side <= WORK_SIDE
     anomaly_map: np.ndarray         # (S, S) float32, raw score units, model resolution
     score: float                    # raw image score = max of the map
     label: bool | None = None
+    uploaded_as: str | None = None  # the file name, when another result already had it
+    files: dict = field(default_factory=dict)   # drawings cached on disk (see InspectionSession.file_of)
 
 
 @dataclass
@@ -128,10 +132,22 @@ class InspectionSession:
         self.results: list[Result] = []
         self.threshold: float | None = None
         self.selected: int | None = None      # index into self.results
+        self.fitting = False              # a fit (or a detector's rescoring) is under way
         self._photos = 0
+        self._drawings = 0                # files written by _write
+        self._retired: list[tuple[float, Path]] = []   # drawings no longer shown, to delete
         self._tmp: Path | None = None
-        self._lock = threading.RLock()    # a tab can fire a fit and an inspection at once
+        self._generation = 0              # bumped by close(): a fit started before it is dropped
+        self._lock = threading.RLock()    # short changes of state; never held while training
+        self._fit_lock = threading.Lock() # one fit or detector switch at a time
         self.last_used = time.monotonic()  # of any kind; see touch()
+
+    def stored_bytes(self) -> int:
+        """Memory held by the session's images and maps, in bytes (what the app's capacity
+        guard counts)."""
+        images = [r.image for r in self.references] + [r.image for r in self.results]
+        return (sum(im.width * im.height * len(im.getbands()) for im in images)
+                + sum(r.anomaly_map.nbytes for r in self.results))
 
     def touch(self) -> None:
         """Note a use of this session (any action, reading included): idle time counts from here."""
@@ -141,16 +157,23 @@ class InspectionSession:
 
     @_locked
     def set_references(self, paths: Sequence[str | Path]) -> list[str]:
-        """Replace the uploaded references by these files; returns messages about skipped ones."""
+        """Replace the uploaded references by these files; returns messages about skipped ones.
+
+        Files already among the references are kept as they were loaded, not read again (the
+        app's upload cache deletes files after an hour; the session keeps its own copy)."""
         paths = list(paths or [])
         if len(paths) > MAX_REFERENCES:
             raise ValueError(f"{len(paths)} reference images uploaded; the limit is {MAX_REFERENCES}. "
                              f"Remove some (a dozen good images is usually plenty).")
+        known = {r.key: r for r in self.references}
         references, problems = [], []
         for path in paths:
-            name = Path(path).name
+            key, name = str(path), Path(path).name
+            if key in known:
+                references.append(known[key])
+                continue
             try:
-                references.append(Reference(name, shrink(load_image(path, name=name))))
+                references.append(Reference(key, name, shrink(load_image(path, name=name))))
             except ValueError as err:
                 problems.append(f"skipped {err}")
         self.references = references
@@ -176,48 +199,71 @@ class InspectionSession:
     def is_fitted(self) -> bool:
         return self.detector is not None
 
-    @_locked
     def fit(self, backbone: str = DEFAULT_PAIR, progress: Progress | None = None, *,
             parts_turn: bool = False, small_defects: bool = False) -> FitReport:
-        """Fit a new detector on ``training_images()`` and rescore the results with it."""
+        """Fit a new detector on ``training_images()`` and rescore the results with it.
+
+        The session keeps working while it fits (inspections use the current detector); the new
+        detector replaces it at the end. One fit at a time per session."""
         return self._fit(detector_config(backbone, parts_turn, small_defects), progress)
 
     def _fit(self, config: DetectorConfig, progress: Progress | None) -> FitReport:
-        images = self.training_images()
-        if not images:
-            raise ValueError("Add at least one good reference image (step 1) before fitting.")
-        if len(images) > MAX_REFERENCES:
-            raise ValueError(f"{len(images)} good images; the limit is {MAX_REFERENCES}. "
-                             f"Remove some references or unmark some results.")
-        detector = PFMDetector(config)
-        share = 0.9 if self.results else 1.0
-        report = detector.fit(images, _scaled(progress, 0.0, share))
-        self._adopt(detector, _scaled(progress, share, 1.0))
-        self.fit_report, self.loaded_from_file = report, False
-        return report
+        with self._fit_lock:
+            with self._lock:
+                images = self.training_images()
+                if not images:
+                    raise ValueError("Add at least one good reference image (step 1) before fitting.")
+                if len(images) > MAX_REFERENCES:
+                    raise ValueError(f"{len(images)} good images; the limit is {MAX_REFERENCES}. "
+                                     f"Remove some references or unmark some results.")
+                share = 0.9 if self.results else 1.0
+                self.fitting = True
+            try:
+                detector = PFMDetector(config)
+                report = detector.fit(images, _scaled(progress, 0.0, share))
+                self._switch_to(detector, report, _scaled(progress, share, 1.0))
+            finally:
+                self.fitting = False
+            return report
 
-    @_locked
     def load_detector(self, path: str | Path) -> None:
         """Use a detector file saved earlier (``save_detector``) instead of fitting."""
         detector = PFMDetector.load(path)
-        self._adopt(detector)
-        self.fit_report, self.loaded_from_file = None, True
+        with self._fit_lock:
+            self.fitting = True
+            try:
+                self._switch_to(detector, None)
+            finally:
+                self.fitting = False
 
     def save_detector(self) -> Path:
         """Write the fitted detector to this session's folder -> the .safetensors path."""
         self._require_detector()
         return self.detector.save(self._folder() / "detector.safetensors")
 
-    def _adopt(self, detector: PFMDetector, progress: Progress | None = None) -> None:
-        """Make ``detector`` current: rescore every result, threshold back to calibrated."""
-        scored = _score(detector, [r.image for r in self.results], progress)
-        for result, (amap, score) in zip(self.results, scored):
-            result.anomaly_map, result.score = amap, score
-        self.detector = detector
-        self.threshold = detector.threshold
+    def _switch_to(self, detector: PFMDetector, report: FitReport | None,
+                   progress: Progress | None = None) -> None:
+        """Make ``detector`` current (``report`` None: loaded from a file): rescore every result,
+        threshold back to calibrated. The rescoring runs outside the session's lock; results
+        added meanwhile are scored at the end. Nothing changes if the session was closed since."""
+        with self._lock:
+            pending, generation = list(self.results), self._generation
+        scored = dict(zip(map(id, pending), _score(detector, [r.image for r in pending], progress)))
+        with self._lock:
+            if generation != self._generation:
+                return
+            later = [r for r in self.results if id(r) not in scored]
+            scored.update(zip(map(id, later), _score(detector, [r.image for r in later])))
+            for result in self.results:
+                result.anomaly_map, result.score = scored[id(result)]
+                self._retire(result)
+            self.detector, self.threshold = detector, detector.threshold
+            self.fit_report, self.loaded_from_file = report, report is None
 
     def _require_detector(self) -> None:
         if self.detector is None:
+            if self.fitting:
+                raise ValueError("The detector is still being fitted; inspect when the fit is done.")
             raise ValueError("No detector yet: fit one on good images (step 1) or load a saved "
                              "detector file first.")
 
@@ -228,9 +274,10 @@ class InspectionSession:
                 ) -> tuple[int, list[str]]:
         """Score (key, image) pairs not seen before -> (number scored, messages about the rest).
 
-        ``key`` is the upload's path (its file name names the result). The new results are
-        appended; beyond MAX_RESULTS unmarked results the oldest unmarked are dropped (results
-        marked good or defective are kept).
+        ``key`` is the upload's path (its file name names the result; a name already taken gets
+        a number, "a (2).png", and a message says so). The new results are appended; beyond
+        MAX_RESULTS unmarked results the oldest unmarked are dropped (results marked good or
+        defective are kept).
         """
         self._require_detector()
         items = list(items or [])
@@ -245,7 +292,8 @@ class InspectionSession:
         for key, src in items:
             if str(key) in seen:
                 continue
-            name = _unique(Path(str(key)).name, names)
+            uploaded_as = Path(str(key)).name
+            name = _unique(uploaded_as, names)
             try:
                 image = shrink(load_image(src, name=name))
             except ValueError as err:
@@ -253,16 +301,21 @@ class InspectionSession:
                 continue
             seen.add(str(key))
             names.add(name)
-            fresh.append((str(key), name, image))
+            if name != uploaded_as:
+                problems.append(f"another image is already named {uploaded_as}; this later upload "
+                                f"of that name is shown as {name}")
+            fresh.append((str(key), name, image, uploaded_as if name != uploaded_as else None))
         if not fresh:
             return 0, problems
-        scored = _score(self.detector, [image for _, _, image in fresh], progress)
-        new = [Result(key, name, image, amap, score)
-               for (key, name, image), (amap, score) in zip(fresh, scored)]
+        scored = _score(self.detector, [image for _, _, image, _ in fresh], progress)
+        new = [Result(key, name, image, amap, score, uploaded_as=uploaded_as)
+               for (key, name, image, uploaded_as), (amap, score) in zip(fresh, scored)]
         self.results.extend(new)
         unmarked = [r for r in self.results if r.label is None]
         dropped = len(unmarked) - MAX_RESULTS
         if dropped > 0:      # marked results are references or feed the ROC: never evicted
+            for result in unmarked[:dropped]:
+                self._retire(result)
             gone = {id(r) for r in unmarked[:dropped]}
             self.results = [r for r in self.results if id(r) not in gone]
             problems.append(f"only the last {MAX_RESULTS} unmarked results are kept; the {dropped} "
@@ -280,6 +333,8 @@ class InspectionSession:
         if self.marked_good:
             raise ValueError("Some results are marked good and are part of the references; "
                              "clear their marks first (that refits the detector).")
+        for result in self.results:
+            self._retire(result)
         self.results, self.selected = [], None
 
     # ------------------------------------------------------------------ threshold and verdicts
@@ -378,27 +433,29 @@ class InspectionSession:
                 return self.select(i)
         raise ValueError(f"no result named {name!r}")
 
-    @_locked
     def mark(self, index: int, label: bool | None, progress: Progress | None = None) -> FitReport | None:
         """Mark result ``index`` good (False), defect (True) or unmarked (None).
 
         Marking good adds the image to the references, and taking that mark away removes it;
         both refit the detector (-> its FitReport). If the refit fails the mark is undone.
         """
-        result = self.select(index)
-        old = result.label
-        if (old is False) == (label is False):
+        with self._lock:
+            result = self.select(index)
+            old = result.label
+            if (old is False) == (label is False):
+                result.label = label
+                return None
+            if self.loaded_from_file and not self.references:
+                raise ValueError("This detector was loaded from a file, which does not contain its "
+                                 "reference images. Upload the good reference images in step 1 "
+                                 "first, then mark images as good.")
             result.label = label
-            return None
-        if self.loaded_from_file and not self.references:
-            raise ValueError("This detector was loaded from a file, which does not contain its "
-                             "reference images. Upload the good reference images in step 1 first, "
-                             "then mark images as good.")
-        result.label = label
+            config = self.detector.config                   # refit with the same choices
         try:
-            return self._fit(self.detector.config, progress)        # the same choices as before
+            return self._fit(config, progress)
         except Exception:
-            result.label = old
+            with self._lock:
+                result.label = old
             raise
 
     def label_summary(self) -> LabelSummary | None:
@@ -456,11 +513,60 @@ class InspectionSession:
 
     @_locked
     def close(self) -> None:
-        """Free everything (called when the visitor's session ends)."""
+        """Free everything (called when the visitor's session ends); a fit under way is dropped
+        when it finishes. The session can be used again from scratch."""
         self.references, self.results, self.detector = [], [], None
+        self.threshold, self.selected, self.fit_report = None, None, None
+        self._generation += 1
+        self._retired = []
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+    # ------------------------------------------------------------------ drawings on disk
+
+    def thumbnail_file(self, result: Result, alpha: float = 0.5) -> Path:
+        """PNG of the result's heatmap at THUMB_SIDE px, framed in its verdict's colour.
+
+        Drawn once per (opacity, verdict) and kept in the session's folder, so moving the
+        threshold redraws no thumbnail: its colours use the calibrated threshold's scale and it
+        has no outline (the selected image shows the current threshold's outline)."""
+        verdict = self.verdict(result)
+        key = ("thumbnail", round(float(alpha), 3), verdict)
+        if key not in result.files:
+            lo, hi = self.detector.score_range
+            heat = heatmap_overlay(shrink(result.image, THUMB_SIDE), result.anomaly_map,
+                                   self.detector.threshold, lo, hi, alpha, outline=False)
+            result.files[key] = self._write(framed(heat, verdict))
+        return result.files[key]
+
+    def photo_file(self, result: Result) -> Path:
+        """PNG of the result's photo as the session keeps it, written once."""
+        if "photo" not in result.files:
+            result.files["photo"] = self._write(result.image)
+        return result.files["photo"]
+
+    def _write(self, image: Image.Image) -> Path:
+        folder = self._folder() / "drawings"
+        folder.mkdir(exist_ok=True)
+        self._drawings += 1
+        path = folder / f"{self._drawings}.png"
+        image.save(path, compress_level=1)          # 5x faster than the default, ~1.3x larger
+        return path
+
+    def _retire(self, result: Result) -> None:
+        """Forget the result's drawings (its map or its place changed); their files go a minute
+        later, when no page being drawn from them can still need them."""
+        now = time.monotonic()
+        self._retired += [(now, path) for path in result.files.values()]
+        result.files = {}
+        keep = []
+        for when, path in self._retired:
+            if now - when > RETIRED_FILES_GRACE_S:
+                path.unlink(missing_ok=True)
+            else:
+                keep.append((when, path))
+        self._retired = keep
 
 
 def _score(detector: PFMDetector, images: list[Image.Image], progress: Progress | None = None,

@@ -11,7 +11,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .postprocess import auroc, best_threshold, binary_mask, normalize, region_outline, roc_curve
 
@@ -21,6 +21,7 @@ GAP_COLOUR = (255, 255, 255)
 REFERENCE_COLOUR = "tab:blue"
 OK_COLOUR = "tab:green"
 DEFECT_COLOUR = "tab:red"
+VERDICT_RGB = {"DEFECT": (214, 39, 40), "OK": (44, 160, 44)}   # tab:red, tab:green as in the plots
 
 
 def _check_map(anomaly_map) -> np.ndarray:
@@ -80,6 +81,11 @@ def heatmap_overlay(image: Image.Image, anomaly_map, threshold: float, lo: float
         edge = region_outline(binary_mask(amap, threshold), outline_width(rgb.size))
         out[edge] = OUTLINE_COLOUR
     return Image.fromarray(out)
+
+
+def framed(image: Image.Image, verdict: str) -> Image.Image:
+    """``image`` in a frame of its verdict's colour (VERDICT_RGB), 1/32 of its width (>= 4 px)."""
+    return ImageOps.expand(image, border=max(4, image.width // 32), fill=VERDICT_RGB[verdict])
 
 
 def side_by_side(image: Image.Image, overlay: Image.Image) -> Image.Image:

@@ -11,6 +11,9 @@ references [3*(i//2) : 3*(i//2)+3] of its category, so every session's reference
 Checks: no call errors; each session's results table holds only its own images; the threshold
 every predict reports is the one its own fit returned; thresholds of different sessions differ;
 the same test image scores differently in sessions fitted on different categories.
+Redraw: afterwards, with the machine otherwise idle, one more session inspects --redraw-images
+images in one call and moves the threshold --redraw-moves times; each move's round trip (no file
+downloads, so it is the server's time plus loopback HTTP) is what a slider tick costs.
 Memory: VmRSS of the server process when it has started (cold), after one warm-up session has
 fitted, inspected and closed (the baseline: models loaded, no sessions), its peak during the
 sessions, and --settle seconds after the clients closed. Closing a client ends its heartbeat,
@@ -171,6 +174,25 @@ def warm_up(url: str, refs: list[Path], image: Path) -> None:
         client.close()
 
 
+def redraw_times(url: str, refs: list[Path], images: list[Path], moves: int) -> list[float]:
+    """Seconds per threshold move of a session holding ``len(images)`` results."""
+    from gradio_client import Client, handle_file
+    client = Client(url, verbose=False, download_files=False)
+    try:
+        client.predict([handle_file(str(p)) for p in refs], api_name="/set_references")
+        threshold = client.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")[1]["value"]
+        client.predict([handle_file(str(p)) for p in images], 0.5, True, api_name="/inspect")
+        times = []
+        for i in range(moves):
+            value = threshold * (0.8 + 0.4 * i / max(1, moves - 1))   # 0.8x .. 1.2x
+            t0 = time.perf_counter()
+            client.predict(value, 0.5, True, api_name="/set_threshold")
+            times.append(time.perf_counter() - t0)
+        return times
+    finally:
+        client.close()
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -214,10 +236,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--timeout", type=float, default=1800, help="global limit, seconds")
     parser.add_argument("--settle", type=float, default=10, help="seconds to wait before the "
                                                                  "after-RSS sample")
+    parser.add_argument("--redraw-images", type=int, default=50,
+                        help="results held while the threshold moves (0: skip that phase)")
+    parser.add_argument("--redraw-moves", type=int, default=20)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
-    if not 1 <= args.sessions <= 32 or not 1 <= args.images <= 50:
-        parser.error("--sessions must be 1..32 and --images 1..50")
+    if not 1 <= args.sessions <= 32 or not 1 <= args.images <= 50 or not 0 <= args.redraw_images <= 50:
+        parser.error("--sessions must be 1..32, --images 1..50 and --redraw-images 0..50")
     config = json.loads(args.config) if args.config else (
         json.loads(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
     deadline = time.monotonic() + args.timeout
@@ -225,7 +250,7 @@ def main(argv=None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="load-test-"))
     proc = None
     try:
-        images = test_images(root, args.images, workdir)
+        images = test_images(root, max(args.images, args.redraw_images), workdir)
         refs = {c: sorted(p for p in (root / c / "train" / "good").iterdir() if p.is_file())
                 for c in CATEGORIES}
         plans = []
@@ -249,7 +274,7 @@ def main(argv=None) -> dict:
         results = [{"category": c} for c, _ in plans]
         barrier = threading.Barrier(args.sessions)
         threads = [threading.Thread(target=run_session, daemon=True,
-                                    args=(i, url, plans[i][1], images, results[i], barrier))
+                                    args=(i, url, plans[i][1], images[:args.images], results[i], barrier))
                    for i in range(args.sessions)]
         t0 = time.monotonic()
         for t in threads:
@@ -261,6 +286,8 @@ def main(argv=None) -> dict:
         rss_peak = sampler.stop()
         time.sleep(min(args.settle, max(0.0, deadline - time.monotonic())))
         rss_after = rss_kib(proc.pid)
+        redraw = (redraw_times(url, refs[CATEGORIES[0]][:REFS_PER_SESSION], images[:args.redraw_images],
+                               args.redraw_moves) if args.redraw_images and not timed_out else [])
 
         errors = [f"session {r['index']}: {e}" for r in results for e in r.get("errors", [])]
         if timed_out:
@@ -276,6 +303,8 @@ def main(argv=None) -> dict:
             "predict_p50_s": percentile(latencies, 0.5), "predict_p95_s": percentile(latencies, 0.95),
             "predict_max_s": max(latencies, default=None),
             "fit_s": [round(f, 2) for f in fits], "wall_s": round(wall, 1),
+            "redraw_results": args.redraw_images if redraw else 0,
+            "redraw_p50_s": percentile(redraw, 0.5), "redraw_max_s": max(redraw, default=None),
             "rss_cold_mib": rss_cold and round(rss_cold / 1024, 1),
             "rss_before_mib": rss_before and round(rss_before / 1024, 1),
             "rss_peak_mib": round(rss_peak / 1024, 1),
@@ -306,6 +335,9 @@ def main(argv=None) -> dict:
     print(f"predict latency p50 {fmt(report['predict_p50_s'])} s, p95 {fmt(report['predict_p95_s'])} s,"
           f" max {fmt(report['predict_max_s'])} s")
     print(f"fit latency (s, queued one at a time): {report['fit_s']}")
+    if report["redraw_results"]:
+        print(f"threshold move with {report['redraw_results']} results: p50 "
+              f"{fmt(report['redraw_p50_s'])} s, max {fmt(report['redraw_max_s'])} s")
     print(f"server RSS: cold {report['rss_cold_mib']} MiB, after a warm-up session "
           f"{report['rss_before_mib']} MiB, peak {report['rss_peak_mib']} MiB, "
           f"{args.settle:g} s after the clients closed {report['rss_after_mib']} MiB")

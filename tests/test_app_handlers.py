@@ -10,6 +10,7 @@ import json
 import os
 import struct
 import subprocess
+import threading
 import sys
 import zipfile
 import zlib
@@ -243,9 +244,13 @@ def test_results_are_capped_oldest_first(fitted, brick, monkeypatch):
     _, problems = s.inspect([(f"second/{p.name}", p) for p in brick.tests[:2]])
     assert [r.key for r in s.results] == ["first/" + brick.tests[1].name,
                                           *("second/" + p.name for p in brick.tests[:2])]
-    assert "oldest" in problems[0]
+    assert "oldest" in problems[-1]
     names = [r.name for r in s.results]
     assert len(set(names)) == 3 and f"{Path(names[0]).stem} (2).png" in names   # same file twice
+    renamed = [r for r in s.results if r.uploaded_as]        # the user is told which is which
+    assert [r.uploaded_as for r in renamed] == [brick.tests[0].name, brick.tests[1].name]
+    assert [f"named {r.uploaded_as}; this later upload of that name is shown as {r.name}"
+            in problem for r, problem in zip(renamed, problems)] == [True, True]
     assert s.next_photo_key() != s.next_photo_key()
 
 
@@ -258,7 +263,7 @@ def test_marked_results_are_never_evicted(fitted, brick, monkeypatch):
     _, problems = s.inspect([(f"b/{p.name}", p) for p in brick.tests[:3]])
     assert [r.key for r in s.results[:2]] == [f"a/{p.name}" for p in brick.tests[:2]]
     assert [r.key for r in s.results[2:]] == [f"b/{p.name}" for p in brick.tests[1:3]]
-    assert "marked ones are always kept" in problems[0]
+    assert "marked ones are always kept" in problems[-1]
 
 
 @pytest.mark.slow
@@ -356,8 +361,9 @@ def test_real_photos_defect_scores_above_good(data_dir):
 # --------------------------------------------------------------------------- app.py glue
 
 APP_CHECKS = r"""
-import json, sys, time
+import json, math, sys, time
 import gradio as gr
+from PIL import Image
 import app
 from anomaly import backbones
 from anomaly.examples import example_sets
@@ -391,20 +397,31 @@ def crash():
     raise KeyError("internal detail")
 out["unexpected"] = message(crash)
 
+@app.user_errors
+def torch_crash():
+    raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x152 and 40x8)")
+out["torch_error"] = message(torch_crash)
+
 refs, tests = example_sets()["brick_wall"]
 s, gallery, count = app.set_references(None, [str(p) for p in refs[:3]])
 out["count"] = count
 s, fit_md, slider, gallery, count, *view = app.fit(s, "effnet-lite", False, False, 0.5, True, progress)
 out["fit_md"] = fit_md
 out["slider"] = [slider.minimum, slider.maximum, slider.value]
+digits = max(0, -math.floor(math.log10(slider.step)))
+out["slider_rounded"] = all(round(v, digits) == v for v in out["slider"])
 slider, summary, table, results, selector, detail, detail_md, plot, labels, roc = app.inspect_files(
     s, [str(p) for p in tests], 0.5, True, progress)
 out["summary"] = summary
 out["rows"] = len(table)
 out["gallery"] = len(results)
-out["detail"] = [im.size for im in detail]
-summary, *_ = app.set_threshold(s, 1e9, 0.5, True)
+out["detail"] = [Image.open(detail[0]).size, detail[1].size]
+summary, _, thumbs, *_, labels, roc = app.set_threshold(s, 1e9, 0.5, True)
 out["summary_high"] = summary
+out["marks_left_alone"] = labels is gr.skip() or labels == gr.skip()
+summary, _, same_verdicts, *_ = app.set_threshold(s, 2e9, 0.5, True)
+out["thumbnails_reused"] = [p for p, _ in same_verdicts] == [p for p, _ in thumbs]
+out["thumbnails_framed"] = all(Image.open(p).getpixel((0, 0)) == (44, 160, 44) for p, _ in thumbs)
 s.last_used -= app.SESSION_TTL_S - 5           # nearly expired, then used: idle time restarts
 app.set_threshold(s, 1.0, 0.5, True)
 out["touched"] = time.monotonic() - s.last_used < 60
@@ -418,6 +435,21 @@ busy.last_used -= app.SESSION_TTL_S - 60
 out["reaped"] = app.reap_idle_sessions()
 out["idle_freed"] = idle.references == [] and "idle-tab" not in app.OPEN_SESSIONS
 out["busy_kept"] = busy.references == ["kept"] and "busy-tab" in app.OPEN_SESSIONS
+app.free_session(busy)                            # Gradio dropped the tab's state
+out["dropped_state_unregistered"] = "busy-tab" not in app.OPEN_SESSIONS
+
+# capacity guard: past the limits new work is refused, running sessions keep everything
+app.MAX_SESSIONS = len(app.OPEN_SESSIONS) + 1
+full_request, extra_request = Request(), Request()
+full_request.session_hash, extra_request.session_hash = "last-seat", "one-too-many"
+seated, *_ = app.set_references(None, [str(p) for p in refs[:2]], full_request)
+out["session_cap"] = message(lambda: app.set_references(None, [str(p) for p in refs[:2]], extra_request))
+out["seated_still_works"] = len(app.set_references(seated, [str(p) for p in refs[:3]], full_request)[0].references)
+app.MAX_STORED_BYTES = 1
+before = [r.name for r in s.results]
+out["stored_cap"] = message(lambda: app.inspect_files(s, [str(tests[0]).replace(".", "_copy.", 1)], 0.5, True, progress))
+out["results_kept"] = [r.name for r in s.results] == before and s.is_fitted
+app.MAX_SESSIONS, app.MAX_STORED_BYTES = 10**6, 10**15
 s4, *_ = app.set_references(None, [str(p) for p in refs[:4]])
 out["fit_md_4"] = app.fit(s4, "effnet-lite", False, False, 0.5, True, progress)[1]
 out["zip"] = app.export_zip(s).endswith(".zip")
@@ -445,6 +477,14 @@ def test_app_handlers_in_a_child_process():
     assert "fit one on good images" in out["inspect_before_fit"]
     assert "nope" in out["unknown_example"]
     assert "internal detail" not in out["unexpected"] and "unchanged" in out["unexpected"]
+    assert "mat1" not in out["torch_error"] and "unchanged" in out["torch_error"]
+    assert out["slider_rounded"]
+    assert out["marks_left_alone"] and out["thumbnails_reused"] and out["thumbnails_framed"]
+    assert out["dropped_state_unregistered"]
+    assert "busy" in out["session_cap"] and "try again in a minute" in out["session_cap"]
+    assert out["seated_still_works"] == 3
+    assert "busy" in out["stored_cap"] and "MB of images" in out["stored_cap"]
+    assert out["results_kept"]
     assert out["count"].startswith("**3 good images**")
     assert out["fit_md"].startswith("**Fitted on 3 good images")
     assert "Rough threshold" in out["fit_md"] and "1 of your 3 images" in out["fit_md"]
@@ -548,3 +588,54 @@ def test_unusual_valid_images_are_scored_and_leave_other_results_alone(fitted, b
         assert result.anomaly_map.shape == (S, S) and np.isfinite(result.anomaly_map).all(), name
     assert (by_name[brick.tests[0].name].score, id(by_name[brick.tests[0].name].anomaly_map)) == first
     assert s.detector is not None and s.threshold == s.calibrated_threshold
+
+
+def test_the_session_keeps_answering_while_it_fits(brick):
+    """A fit trains outside the session's lock: the same visitor's inspections, threshold and
+    marks answer at once, with the current detector, and the new detector rescores them all."""
+    s = InspectionSession()
+    s.set_references(brick.references)
+    s.fit()
+    first = s.detector
+    training, release = threading.Event(), threading.Event()
+
+    def progress(fraction, message):
+        if "training" in message:
+            training.set()
+            release.wait(120)
+
+    refit = threading.Thread(target=s.fit, kwargs={"progress": progress})
+    refit.start()
+    try:
+        assert training.wait(120)
+        answered = []
+        visitor = threading.Thread(target=lambda: answered.append(
+            s.inspect([(str(p), p) for p in brick.tests[:2]])))
+        visitor.start()
+        visitor.join(60)
+        assert answered == [(2, [])] and s.detector is first and s.fitting
+        s.set_threshold(s.threshold * 2)
+        s.mark(0, True)                            # a defect mark needs no refit
+    finally:
+        release.set()
+        refit.join(120)
+    assert s.detector is not first and not s.fitting
+    assert s.threshold == s.detector.threshold        # back to the new calibrated threshold
+    fresh = s.detector.predict([r.image for r in s.results], resolution="model")
+    assert [r.score for r in s.results] == pytest.approx([p.pred_score for p in fresh], rel=1e-5)
+
+
+def test_references_stay_when_their_upload_files_are_gone(brick, tmp_path):
+    """The app's upload cache deletes files after an hour; editing the list later keeps the
+    references already loaded and adds the new ones."""
+    copies = []
+    for p in brick.references[:3]:
+        copies.append(tmp_path / p.name)
+        copies[-1].write_bytes(p.read_bytes())
+    s = InspectionSession()
+    assert s.set_references(copies[:2]) == []
+    for p in copies[:2]:
+        p.unlink()
+    assert s.set_references(copies) == []
+    assert [r.name for r in s.references] == [p.name for p in copies]
+    assert s.set_references(copies[1:]) == [] and len(s.references) == 2

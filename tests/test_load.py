@@ -1,6 +1,11 @@
-"""The load test script (scripts/load_test.py) at a small size: concurrent gradio_client sessions
-against the real app on localhost get no errors and only their own results. No timing checks."""
+"""The real app on localhost under concurrent gradio_client sessions: the load test script
+(scripts/load_test.py) at a small size gets no errors and only each session's own results, and
+one visitor's fit does not hold up another's inspection. No wall-clock limits are asserted."""
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +14,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 SMALL_CONFIG = '{"steps": 30, "views": 8, "image_size": 128}'
+SLOW_FIT_CONFIG = '{"steps": 400, "views": 8, "image_size": 128}'     # small nets, long training
 
 
 def load_script():
@@ -21,6 +27,7 @@ def load_script():
 def test_concurrent_sessions_are_isolated(data_dir, tmp_path):
     report = load_script().main(["--sessions", "3", "--images", "3", "--config", SMALL_CONFIG,
                                  "--timeout", "240", "--settle", "1",
+                                 "--redraw-images", "5", "--redraw-moves", "3",
                                  "--json", str(tmp_path / "load.json")])
     assert report["errors"] == []
     assert report["isolation_problems"] == []
@@ -33,4 +40,54 @@ def test_concurrent_sessions_are_isolated(data_dir, tmp_path):
         by_category.setdefault(s["category"], []).append(s["scores"])
     bottle, tile = by_category["bottle"][0], by_category["magnetic_tile"][0]
     assert any(bottle[name] != tile[name] for name in bottle)
+    assert report["redraw_results"] == 5 and report["redraw_p50_s"] > 0
     assert (tmp_path / "load.json").exists()
+
+
+STALL_CHECKS = r"""
+import json, socket, time
+from gradio_client import Client, handle_file
+import app
+from anomaly.examples import example_sets
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+app.launch(port=port, prevent_thread_lock=True, quiet=True)
+url = f"http://127.0.0.1:{port}/"
+refs, tests = example_sets()["brick_wall"]
+alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+alice.predict([handle_file(str(p)) for p in refs[:3]], api_name="/set_references")
+start = time.monotonic()
+alice.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")
+out = {"fit_s": time.monotonic() - start}
+bob.predict(handle_file(alice.predict(api_name="/save_detector")), 0.5, True, api_name="/load_detector")
+refit = alice.submit("effnet-lite", False, False, 0.5, True, api_name="/fit")
+time.sleep(out["fit_s"] / 5)                     # alice's refit is training now
+alice_inspects = [alice.submit([handle_file(str(p))], 0.5, True, api_name="/inspect")
+                  for p in tests[:2]]            # her own tab, during her fit: both predict slots
+start = time.monotonic()
+summary = bob.predict([handle_file(str(tests[2]))], 0.5, True, api_name="/inspect")[1]
+out["bob_s"] = time.monotonic() - start
+out["refit_running_when_bob_done"] = not refit.done()
+out["bob_summary"] = summary
+out["alice_summaries"] = [job.result()[1] for job in alice_inspects]
+out["alice_done_before_refit"] = not refit.done()
+refit.result()
+print("RESULT" + json.dumps(out))
+app.demo.close()
+"""
+
+
+def test_a_fit_does_not_stall_inspections(tmp_path):
+    """While visitor A's fit trains and her own tab fires two inspections (as dropping test
+    images does), visitor B's inspection is answered before A's fit ends."""
+    env = {**os.environ, "ANOMALY_APP_CONFIG": SLOW_FIT_CONFIG}
+    run = subprocess.run([sys.executable, "-c", STALL_CHECKS], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT", 1)[1].splitlines()[0])
+    assert out["refit_running_when_bob_done"], out
+    assert out["alice_done_before_refit"], out
+    assert out["bob_summary"].startswith("**1 image:")
+    assert sorted(s[:10] for s in out["alice_summaries"]) == ["**1 image:", "**2 images"]
