@@ -3,6 +3,7 @@
     python -m anomaly evaluate DIR [DIR ...] --shots 1 4 8 --seeds 0 1 2 --json out.json
     python -m anomaly fit REF [REF ...] -o model.safetensors
     python -m anomaly predict model.safetensors IMAGE [IMAGE ...] [--out DIR] [--csv FILE]
+        [--table results.parquet] [--engine ray [--workers N] [--address auto]]
     python -m anomaly bench [DIR ...] --shots 1 4 8 --seeds 0 1 2 --json out.json   (repo only)
 
 Each subcommand is an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
@@ -12,22 +13,23 @@ Results go to stdout, progress to stderr; bad input exits with code 2 and a one-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .backbones import BACKBONE_PAIRS, WeightsUnavailableError
-from .datasets import IMAGE_EXTENSIONS, discover, list_images, reference_paths
+from .datasets import IMAGE_EXTENSIONS, discover, reference_paths
 from .detector import DetectorConfig, PFMDetector
 from .scoring import SCORES
 from .evaluate import evaluate_category, format_table
-from .image_io import load_image
-from .postprocess import normalize
+from .folder_scoring import (ImageScorer, TableWriter, check_table_path, expand_inputs,
+                             overlay_paths, score_local)
 
 # ---------------------------------------------------------------------------- evaluate
 
@@ -85,7 +87,8 @@ def _add_fit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Fit on good images (files, or folders of images) and write "
                                    "the detector, with its calibrated threshold, to one file.")
     p.add_argument("refs", nargs="+", type=Path, metavar="REF",
-                   help=f"good image files or folders of them ({', '.join(IMAGE_EXTENSIONS)})")
+                   help=f"good image files, folders of them or glob patterns "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL",
                    help="where to write the detector (.safetensors)")
     p.add_argument("--seed", type=int, default=DetectorConfig.seed, help="training seed")
@@ -96,7 +99,7 @@ def _add_fit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run_fit(args: argparse.Namespace) -> int:
     config = _config(args, seed=args.seed)
     _check_output_path(args.output)
-    images = _expand_images(args.refs)
+    images = expand_inputs(args.refs)
     detector = PFMDetector(config)
     _err(f"fitting on {len(images)} good images ({config.backbone}, {config.image_size} px)")
     report = detector.fit(images, progress=_progress_printer())
@@ -110,65 +113,115 @@ def _run_fit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- predict
 
 
+ENGINES = ("local", "ray")
+PROGRESS_SECONDS = 10.0                     # at most one progress line on stderr this often
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score images with a saved detector",
                        description="Print one line per image: name, raw score, normalised "
-                                   "score (threshold = 0.5) and verdict (OK or DEFECT).")
+                                   "score (threshold = 0.5) and verdict (OK or DEFECT). "
+                                   "With --table, also write one row per image to a Parquet "
+                                   "or CSV file, streamed, in this process or on Ray.")
     p.add_argument("model", type=Path, help="a detector file written by 'fit'")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
-                   help="image files or folders of them")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders of them, or glob patterns in quotes "
+                        "('line/**/*.png': ** matches any depth)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write a heatmap overlay <name>_overlay.png per image here")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="decision threshold in raw score units; default: the calibrated one")
-    p.add_argument("--csv", type=Path, metavar="FILE", help="also write the results as CSV")
+    p.add_argument("--csv", type=Path, metavar="FILE",
+                   help="also write the readable images' results (image, score, norm_score, "
+                        "verdict, threshold) as CSV")
+    p.add_argument("--table", type=Path, metavar="FILE",
+                   help="write one row per image, unreadable ones included (path, score, "
+                        "norm_score, verdict, threshold, error): Parquet if FILE ends in "
+                        ".parquet, CSV if .csv")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: score in this process; ray: in Ray actors (needs "
+                        "requirements-ray.txt); same rows either way; default: local")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="--engine ray: number of actors, each loading the detector once and "
+                        "using CPUs/N of the cluster's CPUs; default: 2")
+    p.add_argument("--address", metavar="ADDR",
+                   help="--engine ray: the cluster to join ('auto': the one 'ray start' "
+                        "started); default: start a local Ray instance for this run")
     return p
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from . import viz                       # matplotlib: imported only when it is needed
-
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha {args.alpha}; allowed range is [0, 1]")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise ValueError(f"--threshold {args.threshold}; must be a finite number")
-    if args.csv:
-        _check_output_path(args.csv)
-    detector = PFMDetector.load(args.model)
-    images = _expand_images(args.images)
-    threshold = detector.threshold if args.threshold is None else args.threshold
-    lo, hi = viz.colour_range(threshold, *detector.score_range)
+    if args.engine != "ray" and args.address:
+        raise ValueError("--address needs --engine ray")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}; must be at least 1")
+    for path in (args.csv, args.table):
+        if path:
+            _check_output_path(path)
+    if args.table:
+        check_table_path(args.table)
+    scorer = ImageScorer(args.model, args.threshold, args.alpha)   # checks the file, once
+    images = expand_inputs(args.images)
+    overlays = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-    rows, failed, used_names = [], 0, set()
-    for path in images:
+        overlays = overlay_paths(images, args.out)
+    if args.engine == "ray":
         try:
-            image = load_image(path)
-        except ValueError as err:
-            _err(f"error: {err}")
-            failed += 1
-            continue
-        pred = detector.predict(image)
-        defect = pred.pred_score > threshold
-        norm = normalize(pred.pred_score, threshold, lo, hi)
-        verdict = "DEFECT" if defect else "OK"
-        print(f"{path.name}\t{pred.pred_score:.4f}\t{norm:.3f}\t{verdict}", flush=True)
-        rows.append({"image": str(path), "score": pred.pred_score, "norm_score": norm,
-                     "verdict": verdict, "threshold": threshold})
-        if args.out:
-            overlay = viz.heatmap_overlay(image, pred.anomaly_map, threshold, lo, hi, args.alpha)
-            overlay.save(args.out / _unique_name(f"{path.stem}_overlay", used_names))
-    if args.csv:
-        with args.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image", "score", "norm_score", "verdict",
-                                                   "threshold"])
-            writer.writeheader()
-            writer.writerows(rows)
+            from .ray_scoring import score_with_ray
+        except ImportError as err:
+            raise ValueError(f"--engine ray needs Ray ({err}); "
+                             "pip install -r requirements-ray.txt") from err
+        del scorer                          # the actors load their own
+        rows = score_with_ray(args.model, images, overlays, threshold=args.threshold,
+                              alpha=args.alpha, workers=args.workers, address=args.address)
+    else:
+        rows = score_local(scorer, images, overlays)
+    with contextlib.ExitStack() as stack:
+        table = stack.enter_context(TableWriter(args.table)) if args.table else None
+        results = None
+        if args.csv:
+            results = csv.DictWriter(stack.enter_context(args.csv.open("w", newline="")),
+                                     fieldnames=["image", "score", "norm_score", "verdict",
+                                                 "threshold"])
+            results.writeheader()
+        failed = _consume(rows, len(images), table, results)
     if failed:
         _err(f"error: {failed} of {len(images)} images could not be read")
         return 2
     return 0
+
+
+def _consume(rows: Iterable[dict], total: int, table: TableWriter | None,
+             results: csv.DictWriter | None) -> int:
+    """Print and write each row as it comes, with progress on stderr -> the number of errors."""
+    start = last = time.perf_counter()
+    done = failed = 0
+    for row in rows:
+        done += 1
+        if row["error"]:
+            failed += 1
+            _err(f"error: {row['error']}")
+        else:
+            print(f"{Path(row['path']).name}\t{row['score']:.4f}\t{row['norm_score']:.3f}\t"
+                  f"{row['verdict']}", flush=True)
+            if results:
+                results.writerow({"image": row["path"], **{k: row[k] for k in
+                                  ("score", "norm_score", "verdict", "threshold")}})
+        if table:
+            table.write(row)
+        now = time.perf_counter()
+        if now - last >= PROGRESS_SECONDS and done < total:
+            _err(f"[{done}/{total}] {done / (now - start):.1f} images/s")
+            last = now
+    seconds = time.perf_counter() - start
+    _err(f"scored {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s)")
+    return failed
 
 
 # ---------------------------------------------------------------------------- bench
@@ -258,22 +311,6 @@ def _config(args: argparse.Namespace, seed: int = DetectorConfig.seed) -> Detect
                           views=args.views, rotation=args.rotation, score=args.score, seed=seed)
 
 
-def _expand_images(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, folders -> their image files (sorted); ValueError for anything else."""
-    images = []
-    for path in paths:
-        if path.is_dir():
-            found = list_images(path)
-            if not found:
-                raise ValueError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            images.extend(found)
-        elif path.is_file():
-            images.append(path)
-        else:
-            raise ValueError(f"{path}: no such file or folder")
-    return images
-
-
 def _check_output_path(path: Path) -> None:
     if not path.parent.is_dir():
         raise ValueError(f"{path}: folder {path.parent} does not exist")
@@ -291,16 +328,6 @@ def _progress_printer():
             _err(f"[{fraction:4.0%}] {message}")
             last.update(decile=decile, stage=stage)
     return report
-
-
-def _unique_name(stem: str, used: set[str]) -> str:
-    """``stem``.png, or ``stem``_2.png, ... when an earlier image had the same name."""
-    name, n = f"{stem}.png", 1
-    while name in used:
-        n += 1
-        name = f"{stem}_{n}.png"
-    used.add(name)
-    return name
 
 
 def _write_json(path: Path, rows: list[dict]) -> None:
