@@ -284,7 +284,7 @@ class BackbonePair(NamedTuple):
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor, progress: Callable[[float, str], None] | None = None,
-                 chunk: int = 8) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                 chunk: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(N, 3, S, S) in [0, 1] -> source and target features per level [(N, C_l, h_l, w_l)]
         as the networks give them (not normalised), ``chunk`` images at a time."""
         parts_s, parts_t = [], []

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 MAX_REFERENCES = 200
+SCORING_CHUNK = 4          # held-out views scored per turn on the CPU (see compute.CPU_TURN)
 
 
 @dataclass
@@ -302,9 +303,11 @@ class PFMDetector:
             without that reference's own vectors."""
             parts = []
             for r in reference[held_out].unique().tolist():
-                own = reference == r
-                parts.append(self._components(partial, bank[reference[bank_view] != r],
-                                              [f[own] for f in feats_s], [f[own] for f in feats_t]))
+                others = bank[reference[bank_view] != r]
+                views = (reference == r).nonzero()[:, 0]
+                for chunk in views.split(SCORING_CHUNK):        # one short turn on the CPU each
+                    parts.append(self._components(partial, others, [f[chunk] for f in feats_s],
+                                                  [f[chunk] for f in feats_t]))
             calibration.append([torch.cat(maps) for maps in zip(*parts)])
 
         with CPU_TURN:

@@ -37,7 +37,7 @@ def flatten(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_coreset(vectors: torch.Tensor, size: int, generator: torch.Generator,
-                   projection: int = 32, turn: int = 256) -> torch.Tensor:
+                   projection: int = 32, turn: int = 128) -> torch.Tensor:
     """Indices (size,) of ``vectors`` (M, D) that cover them: farthest-point selection on a fixed
     random projection to ``projection`` dims (PatchCore's approximate greedy coreset; 32 dims
     keep the projected vectors in cache: 2-9x faster than 128 here). All indices when M <= size.

@@ -108,15 +108,19 @@ def mask_image(anomaly_map, threshold: float) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255)
 
 
-def _new_figure(width_in: float, height_in: float) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
+def _new_figure(width_in: float, height_in: float, margins: dict | None = None) -> Figure:
+    """A figure on an Agg canvas; laid out by matplotlib's constrained layout, or with fixed
+    ``margins`` (subplots_adjust's fractions: a third faster to draw, for figures drawn often)."""
+    fig = Figure(figsize=(width_in, height_in), dpi=100, layout=None if margins else "constrained")
     FigureCanvasAgg(fig)                                                    # attaches itself
+    if margins:
+        fig.subplots_adjust(**margins)
     return fig
 
 
 def score_plot(reference_scores, test_scores, threshold: float,
                test_labels: Sequence[bool | None] | None = None) -> Figure:
-    """Strip plot of image scores against the threshold, about 700 x 300 px.
+    """Strip plot of image scores against the threshold, 750 x 300 px.
 
     One row for the good references (k >= 1), one row of test scores, split into "marked good",
     "marked defect" and "unmarked" rows when ``test_labels`` (True = defect, None = unmarked)
@@ -138,7 +142,7 @@ def score_plot(reference_scores, test_scores, threshold: float,
             rows.append((name, tests[np.array([m is want for m in marks], dtype=bool)]))
     rows = rows[:1] + [(name, values) for name, values in rows[1:] if values.size]
 
-    fig = _new_figure(7.0, 3.0)
+    fig = _new_figure(7.5, 3.0, margins=dict(left=0.23, right=0.75, bottom=0.16, top=0.96))
     ax = fig.add_subplot()
     jitter = np.random.default_rng(0)                       # same picture for the same scores
     handles = {}

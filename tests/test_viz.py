@@ -113,7 +113,7 @@ def test_score_plot_renders(refs, tests, labels):
     fig = score_plot(refs, tests, 0.45, test_labels=labels)
     assert isinstance(fig, Figure)
     image = figure_to_image(fig)
-    assert image.mode == "RGB" and image.height == 300 and 600 <= image.width <= 700
+    assert image.mode == "RGB" and image.height == 300 and image.width == 750
     ax = fig.axes[0]
     assert ax.get_xlabel() == "anomaly score"
     assert any("threshold" in t.get_text() for t in ax.get_legend().get_texts())
