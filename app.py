@@ -16,21 +16,25 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import hashlib
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
+from collections import OrderedDict
+from pathlib import Path
 
 import gradio as gr
 
-from anomaly import BACKBONE_PAIRS, DetectorConfig, WeightsUnavailableError
+from anomaly import BACKBONE_PAIRS, DetectorConfig, PFMDetector, WeightsUnavailableError
 from anomaly.backbones import DEFAULT_PAIR, load_pair
 from anomaly.detector import held_out_count
 from anomaly.examples import EXAMPLES_DIR, example_sets
 from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
 from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, SMALL_DEFECTS_SIZE, THUMB_SIDE,
-                             WORK_SIDE, InspectionSession)
+                             WORK_SIDE, InspectionSession, fresh_folder, score_records)
 
 log = logging.getLogger("app")
 
@@ -54,6 +58,10 @@ LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test im
           f"{WORK_SIDE} px on the longer side before scoring.")
 MAX_SESSIONS = int(os.environ.get("ANOMALY_MAX_SESSIONS") or 40)          # live sessions
 MAX_STORED_BYTES = int(float(os.environ.get("ANOMALY_MAX_STORED_MB") or 4096) * 2**20)  # their images
+SCORE_FOLDER = Path(tempfile.mkdtemp(prefix="anomaly-score-api-"))   # stateless score calls' files
+DETECTORS = OrderedDict()       # sha256 of a detector file -> PFMDetector, the last few sent to /score
+DETECTORS_KEPT = 4
+DETECTORS_LOCK = threading.Lock()
 OPEN_SESSIONS = {}              # Gradio session hash -> InspectionSession, for end_session
 OPEN_SESSIONS_LOCK = threading.Lock()
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
@@ -217,7 +225,7 @@ def render(s, alpha, outline, marks=True):
     current = s.results[s.selected] if s.selected is not None and s.results else None
     selector = gr.Dropdown(choices=names, value=current.name if current else None)
     if current is not None:
-        detail = (str(s.photo_file(current)), s.overlay(current, alpha, outline))
+        detail = (str(s.photo_file(current)), str(s.overlay_file(current, alpha, outline)))
         mark = {None: "You have not marked it.", False: "You marked it good.",
                 True: "You marked it defect."}[current.label]
         also = (f" (uploaded as {current.uploaded_as}: an earlier image has that name)"
@@ -381,6 +389,38 @@ def load_example(session, name, request: gr.Request = None):
     room_for_images()
     warn(s.set_references(references))
     return (s, [str(p) for p in references], [str(p) for p in tests], *reference_views(s))
+
+
+@user_errors
+def score(session, files, detector_file):
+    """The scripting API (``api_name="score"``): image files -> (one JSON record per image, the
+    heatmap overlays). With a detector file the call is stateless; without one it uses this
+    session's fitted detector at its current threshold and leaves its results alone."""
+    files = paths(files)
+    if not files:
+        raise gr.Error("Send one or more image files.", print_exception=False)
+    if detector_file:
+        detector = cached_detector(str(detector_file))
+        records = score_records(detector, detector.threshold, files, fresh_folder(SCORE_FOLDER))
+    else:
+        records = existing(session).score_files(files)
+    overlays = [r["overlay"] for r in records if r["overlay"]]
+    return [{**r, "overlay": r["overlay"] and Path(r["overlay"]).name} for r in records], overlays
+
+
+def cached_detector(path: str) -> PFMDetector:
+    """The detector in this file, loaded once per distinct content (the last DETECTORS_KEPT)."""
+    key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    with DETECTORS_LOCK:
+        if key in DETECTORS:
+            DETECTORS.move_to_end(key)
+            return DETECTORS[key]
+    detector = PFMDetector.load(path)
+    with DETECTORS_LOCK:
+        DETECTORS[key] = detector
+        while len(DETECTORS) > DETECTORS_KEPT:
+            DETECTORS.popitem(last=False)
+    return detector
 
 
 def reveal():
@@ -552,6 +592,13 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
             zip_file = gr.File(label="Results ZIP", interactive=False, visible=False,
                                elem_id="zip-file")
 
+    with gr.Row(visible=False):      # the scripting API's own inputs and outputs
+        score_images = gr.File(file_count="multiple", label="images")
+        score_detector = gr.File(label="detector file (optional)")
+        score_records_out = gr.JSON(label="records")
+        score_overlays = gr.File(file_count="multiple", label="overlays")
+        score_btn = gr.Button("score")
+
     # ----------------------------------------------------------------------- events
     VIEW = [summary_md, results_table, results_gallery, selector, detail, detail_md, score_plot,
             labels_md, roc_plot]
@@ -605,6 +652,8 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
               [state, fit_md, threshold, *REFS, *VIEW],
               api_visibility="private", show_progress_on=fitting, **fit_queue)
      .success(api_visibility="private", **inspect_args))
+    score_btn.click(score, [state, score_images, score_detector], [score_records_out, score_overlays],
+                    api_name="score", **predict_queue)
     demo.unload(end_session)
 
 

@@ -129,6 +129,11 @@ def test_browser_workflow(server, brick, tmp_path):
                 assert verdict == ("DEFECT" if float(raw) > calibrated else "OK")
                 assert 0.0 <= float(norm) <= 1.0
             assert score[defect.name] > score[good.name]
+            box = page.locator("#threshold input[type=number]").input_value()
+            assert len(box.split(".")[-1]) <= 4, box                  # rounded to the slider's step
+            captions = page.evaluate("""() => [...document.querySelectorAll(
+                '#results-gallery .caption-label')].map(c => [c.innerText, c.scrollWidth <= c.clientWidth])""")
+            assert len(captions) == 2 and all(whole for _, whole in captions), captions   # not cut off
             page.locator("#test-files input[type=file]").set_input_files([str(not_an_image)])
             page.wait_for_selector("text=skipped notes.png: not an image file", timeout=60_000)
             assert read_table(page) == table and "Traceback" not in page.content()

@@ -415,7 +415,7 @@ slider, summary, table, results, selector, detail, detail_md, plot, labels, roc 
 out["summary"] = summary
 out["rows"] = len(table)
 out["gallery"] = len(results)
-out["detail"] = [Image.open(detail[0]).size, detail[1].size]
+out["detail"] = [Image.open(path).size for path in detail]
 summary, _, thumbs, *_, labels, roc = app.set_threshold(s, 1e9, 0.5, True)
 out["summary_high"] = summary
 out["marks_left_alone"] = labels is gr.skip() or labels == gr.skip()

@@ -1,0 +1,106 @@
+"""The app's scripting endpoint /score through gradio_client against the real app on localhost:
+the README's example as written, the session mode, and files that cannot be scored."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from anomaly.session import WORK_SIDE
+from conftest import REPO, category_files
+
+pytestmark = pytest.mark.slow
+
+FAST_CONFIG = '{"steps": 30, "views": 8, "image_size": 128}'
+
+SCORE_CHECKS = r"""
+import json, shutil, socket, subprocess, sys, tempfile
+from pathlib import Path
+from gradio_client import Client, handle_file
+import app
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+app.launch(port=port, prevent_thread_lock=True, quiet=True)
+url = f"http://127.0.0.1:{port}/"
+refs, good, broken = json.loads(sys.argv[1])
+out = {}
+engineer = Client(url, verbose=False)
+engineer.predict([handle_file(p) for p in refs], api_name="/set_references")
+out["not_fitted"] = None
+try:
+    engineer.predict([handle_file(good)], None, api_name="/score")
+except Exception as err:
+    out["not_fitted"] = str(err)
+engineer.predict("effnet-lite", False, False, 0.5, True, api_name="/fit")
+detector = engineer.predict(api_name="/save_detector")
+
+# the README's example, as written, in a folder holding the files it names
+work = Path(tempfile.mkdtemp())
+shutil.copy(good, work / "part1.png")
+shutil.copy(broken, work / "part2.png")
+shutil.copy(detector, work / "part.safetensors")
+readme = Path("README.md").read_text()
+block = readme.split("<!-- score-example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+out["example_lines"] = len(block.strip().splitlines())
+run = subprocess.run([sys.executable, "-c", block.replace("http://127.0.0.1:7860/", url)], cwd=work,
+                     capture_output=True, text=True, timeout=300)
+out["example_rc"], out["example_out"], out["example_err"] = run.returncode, run.stdout, run.stderr[-2000:]
+
+# stateless, with a file that is no image: its record says why, the others are scored
+(work / "notes.png").write_text("not an image")
+records, overlays = Client(url, verbose=False).predict(
+    [handle_file(good), handle_file(str(work / "notes.png")), handle_file(broken)],
+    handle_file(detector), api_name="/score")
+out["records"], out["overlays"] = records, [Path(p).name for p in overlays]
+out["overlay_sizes"] = [__import__("PIL.Image").Image.open(p).size for p in overlays]
+# the session's own detector, at the threshold the engineer set; the results stay as they were
+engineer.predict(records[0]["score"] + 1e-6, 0.5, True, api_name="/set_threshold")
+mine, _ = engineer.predict([handle_file(good)], None, api_name="/score")
+out["session_record"] = mine[0]
+out["session_results"] = len(app.OPEN_SESSIONS[engineer.session_hash].results)
+print("RESULT" + json.dumps(out))
+app.demo.close()
+"""
+
+
+def test_score_endpoint_returns_records_and_overlays(data_dir):
+    refs = [str(p) for p in category_files(data_dir, "bottle", "train/good", 3)]
+    good = str(category_files(data_dir, "bottle", "test/good", 1)[0])
+    broken = str(category_files(data_dir, "bottle", "test/broken_large", 1)[0])
+    env = {**os.environ, "ANOMALY_APP_CONFIG": FAST_CONFIG}
+    run = subprocess.run([sys.executable, "-c", SCORE_CHECKS, json.dumps([refs, good, broken])],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT", 1)[1].splitlines()[0])
+    assert "No detector yet" in out["not_fitted"]
+
+    assert out["example_lines"] <= 5
+    assert out["example_rc"] == 0, out["example_err"]
+    printed = [line.split() for line in out["example_out"].splitlines() if line.startswith("part")]
+    assert [(name, verdict) for name, verdict, _ in printed] == [("part1.png", "OK"),
+                                                                ("part2.png", "DEFECT")]
+    assert float(printed[0][2]) < 0.5 < float(printed[1][2])
+
+    good_rec, bad_file, broken_rec = out["records"]
+    keys = {"file", "score", "score_0_1", "verdict", "threshold", "area_above_threshold",
+            "overlay", "error"}
+    assert set(good_rec) == set(bad_file) == set(broken_rec) == keys
+    assert (good_rec["verdict"], broken_rec["verdict"]) == ("OK", "DEFECT")
+    assert good_rec["score"] < good_rec["threshold"] < broken_rec["score"]
+    assert good_rec["area_above_threshold"] == 0 < broken_rec["area_above_threshold"] < 0.5
+    assert good_rec["error"] is None and bad_file["score"] is None and bad_file["overlay"] is None
+    assert "notes.png" in bad_file["error"]
+    assert out["overlays"] == [good_rec["overlay"], broken_rec["overlay"]]
+    width, height = Image.open(good).size
+    side = min(1.0, WORK_SIDE / max(width, height))         # the photo's size, as the app keeps it
+    assert out["overlay_sizes"][0] == [round(width * side), round(height * side)]
+
+    mine = out["session_record"]
+    assert mine["threshold"] == pytest.approx(good_rec["score"] + 1e-6)
+    assert mine["score"] == pytest.approx(good_rec["score"], rel=1e-5) and mine["verdict"] == "OK"
+    assert out["session_results"] == 0
