@@ -71,7 +71,7 @@ CSS = """
 .step-title h2 {margin-bottom: 0}
 #results-summary p {font-size: 1.1em}
 #results-gallery .caption-label, #ref-gallery .caption-label {white-space: normal; max-width: 100%;
-  overflow-wrap: anywhere}
+  overflow-wrap: anywhere; font-size: var(--text-xs); padding: 1px 4px}
 """
 
 
@@ -546,7 +546,7 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
     with gr.Row():
         with gr.Column(scale=3):
             results_gallery = gr.Gallery(label="Results, most suspicious first (click one)",
-                                         columns=4, height=380, allow_preview=False,
+                                         columns=3, height=380, allow_preview=False,
                                          interactive=False, elem_id="results-gallery")
             results_table = gr.Dataframe(headers=["image", "verdict", "score", "score 0-1",
                                                   "your mark"],
