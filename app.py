@@ -218,8 +218,8 @@ def render(s, alpha, outline, marks=True):
                    f"{oks} OK** at threshold {s.threshold:.4g}.")
     else:
         summary = "Fitted. Now add test images (step 2)."
-    gallery = [(str(s.thumbnail_file(s.results[i], alpha)),
-                f"{s.verdict(s.results[i])} {s.norm_score(s.results[i]):.2f} · {s.results[i].name}")
+    gallery = [(str(s.thumbnail_file(s.results[i], alpha)),   # no threshold-dependent text
+                f"{s.verdict(s.results[i])} {s.results[i].score:.4g} · {s.results[i].name}")
                for i in order]
     names = [s.results[i].name for i in order]
     current = s.results[s.selected] if s.selected is not None and s.results else None
@@ -303,8 +303,12 @@ def clear_results(session, alpha, outline):
 @user_errors
 def set_threshold(session, value, alpha, outline):
     s = existing(session)
+    verdicts = [s.verdict(r) for r in s.results]
     s.set_threshold(value)
-    return render(s, alpha, outline, marks=False)
+    view = render(s, alpha, outline, marks=False)
+    if [s.verdict(r) for r in s.results] == verdicts:       # the gallery would be the same
+        view = (*view[:2], gr.skip(), *view[3:])
+    return view
 
 
 @user_errors

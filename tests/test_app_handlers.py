@@ -420,7 +420,10 @@ summary, _, thumbs, *_, labels, roc = app.set_threshold(s, 1e9, 0.5, True)
 out["summary_high"] = summary
 out["marks_left_alone"] = labels is gr.skip() or labels == gr.skip()
 summary, _, same_verdicts, *_ = app.set_threshold(s, 2e9, 0.5, True)
-out["thumbnails_reused"] = [p for p, _ in same_verdicts] == [p for p, _ in thumbs]
+out["gallery_left_alone"] = same_verdicts is gr.skip() or same_verdicts == gr.skip()
+summary, _, flipped, *_ = app.set_threshold(s, 0.0, 0.5, True)
+summary, _, back, *_ = app.set_threshold(s, 1e9, 0.5, True)
+out["thumbnails_reused"] = [p for p, _ in back] == [p for p, _ in thumbs] != [p for p, _ in flipped]
 out["thumbnails_framed"] = all(Image.open(p).getpixel((0, 0)) == (44, 160, 44) for p, _ in thumbs)
 s.last_used -= app.SESSION_TTL_S - 5           # nearly expired, then used: idle time restarts
 app.set_threshold(s, 1.0, 0.5, True)
@@ -480,6 +483,7 @@ def test_app_handlers_in_a_child_process():
     assert "mat1" not in out["torch_error"] and "unchanged" in out["torch_error"]
     assert out["slider_rounded"]
     assert out["marks_left_alone"] and out["thumbnails_reused"] and out["thumbnails_framed"]
+    assert out["gallery_left_alone"]
     assert out["dropped_state_unregistered"]
     assert "busy" in out["session_cap"] and "try again in a minute" in out["session_cap"]
     assert out["seated_still_works"] == 3
