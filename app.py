@@ -23,6 +23,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -62,6 +63,7 @@ SCORE_FOLDER = Path(tempfile.mkdtemp(prefix="anomaly-score-api-"))   # stateless
 DETECTORS = OrderedDict()       # sha256 of a detector file -> PFMDetector, the last few sent to /score
 DETECTORS_KEPT = 4
 DETECTORS_LOCK = threading.Lock()
+SHOWN_GALLERY = weakref.WeakKeyDictionary()   # session -> the results gallery last sent to its tab
 OPEN_SESSIONS = {}              # Gradio session hash -> InspectionSession, for end_session
 OPEN_SESSIONS_LOCK = threading.Lock()
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
@@ -133,6 +135,9 @@ def room_for_images():
 
 def existing(session):
     """The visitor's session; a gr.Error when it is gone (expired) or never started."""
+    if session is not None and session.fitting and not session.is_fitted:
+        raise gr.Error("The detector is still being fitted; try again when the fit is done.",
+                       print_exception=False)
     if session is None or not session.is_fitted:
         raise gr.Error("No detector yet: fit one on good images (step 1) or load a saved "
                        "detector file first.", print_exception=False)
@@ -211,18 +216,18 @@ def render(s, alpha, outline, marks=True):
     if s is None or not s.is_fitted:
         return ("No results yet.", [], [], gr.Dropdown(choices=[], value=None), None,
                 "", None, "", gr.Plot(value=None, visible=False))
-    order = s.order()
+    ranked = s.ranked()
     if s.results:
         defects, oks = s.counts()
         summary = (f"**{len(s.results)} image{'s' * (len(s.results) != 1)}: {defects} DEFECT, "
                    f"{oks} OK** at threshold {s.threshold:.4g}.")
     else:
         summary = "Fitted. Now add test images (step 2)."
-    gallery = [(str(s.thumbnail_file(s.results[i], alpha)),   # no threshold-dependent text
-                f"{s.verdict(s.results[i])} {s.results[i].score:.4g} · {s.results[i].name}")
-               for i in order]
-    names = [s.results[i].name for i in order]
-    current = s.results[s.selected] if s.selected is not None and s.results else None
+    gallery = [(str(s.thumbnail_file(r, alpha)), f"{s.verdict(r)} {r.score:.4g} · {r.name}")
+               for r in ranked]                     # no text that a threshold move changes
+    SHOWN_GALLERY[s] = gallery
+    names = [r.name for r in ranked]
+    current = s.current()
     selector = gr.Dropdown(choices=names, value=current.name if current else None)
     if current is not None:
         detail = (str(s.photo_file(current)), str(s.overlay_file(current, alpha, outline)))
@@ -258,8 +263,9 @@ def render(s, alpha, outline, marks=True):
 
 @user_errors
 def set_references(session, files, request: gr.Request = None):
+    if set(paths(files)) - (session.reference_keys() if session else set()):
+        room_for_images()                   # new images to keep; removing some always works
     s = session_for(session, request)
-    room_for_images()
     warn(s.set_references(paths(files)))
     return (s, *reference_views(s))
 
@@ -303,10 +309,10 @@ def clear_results(session, alpha, outline):
 @user_errors
 def set_threshold(session, value, alpha, outline):
     s = existing(session)
-    verdicts = [s.verdict(r) for r in s.results]
+    shown = SHOWN_GALLERY.get(s)
     s.set_threshold(value)
     view = render(s, alpha, outline, marks=False)
-    if [s.verdict(r) for r in s.results] == verdicts:       # the gallery would be the same
+    if view[2] == shown:                     # no verdict changed: the page already shows it
         view = (*view[:2], gr.skip(), *view[3:])
     return view
 
@@ -338,7 +344,7 @@ def redraw(session, alpha, outline):
 @user_errors
 def select_from_gallery(session, alpha, outline, evt: gr.SelectData):
     s = existing(session)
-    s.select(s.order()[evt.index])
+    s.select_ranked(evt.index)
     return render(s, alpha, outline, marks=False)
 
 
@@ -346,7 +352,7 @@ def select_from_gallery(session, alpha, outline, evt: gr.SelectData):
 def select_by_name(session, name, alpha, outline):
     s = existing(session)
     if name:
-        s.select_name(name)
+        s.select(name)
     return render(s, alpha, outline, marks=False)
 
 
@@ -356,8 +362,7 @@ def mark_handler(label):
         s = existing(session)
         if not name:
             raise gr.Error("Select a result first (click it in the gallery).", print_exception=False)
-        s.select_name(name)
-        s.mark(s.selected, label, progress=as_progress(progress))
+        s.mark(name, label, progress=as_progress(progress))
         return (fit_text(s), threshold_slider(s), *reference_views(s), *render(s, alpha, outline))
     mark.__name__ = {False: "mark_good", True: "mark_defect", None: "clear_mark"}[label]
     return mark
@@ -389,8 +394,8 @@ def load_example(session, name, request: gr.Request = None):
         raise gr.Error(f"No example set named {name!r}; choose one of {sorted(sets)}.",
                        print_exception=False)
     references, tests = sets[name]
-    s = session_for(session, request)
     room_for_images()
+    s = session_for(session, request)
     warn(s.set_references(references))
     return (s, [str(p) for p in references], [str(p) for p in tests], *reference_views(s))
 
@@ -431,14 +436,23 @@ def reveal():
     return gr.File(visible=True)
 
 
-def free_session(session):
-    """gr.State's delete callback: Gradio dropped the tab's state."""
-    if session is not None:
-        with OPEN_SESSIONS_LOCK:
-            for key in [k for k, s in OPEN_SESSIONS.items() if s is session]:
-                del OPEN_SESSIONS[key]
+def free_session(session, wait: bool = False):
+    """gr.State's delete callback (Gradio dropped the tab's state) and the unload handler's
+    end: unregister and free the session in a thread of its own, since Gradio may call this
+    on its event loop and closing waits for the session's lock (``wait``: join it)."""
+    if session is None:
+        return
+    with OPEN_SESSIONS_LOCK:
+        for key in [k for k, s in OPEN_SESSIONS.items() if s is session]:
+            del OPEN_SESSIONS[key]
+
+    def close():
         session.close()
         return_freed_memory()
+    worker = threading.Thread(target=close, name="free-session", daemon=True)
+    worker.start()
+    if wait:
+        worker.join()
 
 
 def reap_idle_sessions(now: float | None = None) -> int:
@@ -475,7 +489,7 @@ def end_session(request: gr.Request):
         session = OPEN_SESSIONS.pop(request.session_hash, None)
         still_open = len(OPEN_SESSIONS)
     if session is not None:
-        free_session(session)
+        free_session(session, wait=True)
         log.info("a session ended and was freed; %d still open", still_open)
 
 

@@ -19,6 +19,7 @@ leave the session as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -110,7 +111,8 @@ class Result:
     score: float                    # raw image score = max of the map
     label: bool | None = None
     uploaded_as: str | None = None  # the file name, when another result already had it
-    files: dict = field(default_factory=dict)   # drawings cached on disk (see InspectionSession.file_of)
+    version: int = 0                # bumped when a new detector rescores it (drawings' cache key)
+    files: dict = field(default_factory=dict)   # drawings on disk (see InspectionSession.thumbnail_file)
 
 
 @dataclass
@@ -178,6 +180,9 @@ class InspectionSession:
                 problems.append(f"skipped {err}")
         self.references = references
         return problems
+
+    def reference_keys(self) -> set[str]:
+        return {r.key for r in self.references}
 
     @property
     def marked_good(self) -> list[Result]:
@@ -264,6 +269,7 @@ class InspectionSession:
             scored.update(zip(map(id, later), _score(detector, [r.image for r in later])))
             for result in self.results:
                 result.anomaly_map, result.score = scored[id(result)]
+                result.version += 1
                 self._retire(result)
             self.detector, self.threshold = detector, detector.threshold
             self.fit_report, self.loaded_from_file = report, report is None
@@ -387,9 +393,15 @@ class InspectionSession:
     def verdict(self, result: Result) -> str:
         return "DEFECT" if self.is_defect(result) else "OK"
 
-    def order(self) -> list[int]:
-        """Result indices, highest score first."""
-        return sorted(range(len(self.results)), key=lambda i: -self.results[i].score)
+    def ranked(self) -> list[Result]:
+        """The results, highest score first (a snapshot: later changes do not affect it)."""
+        return sorted(list(self.results), key=lambda r: -r.score)
+
+    def current(self) -> Result | None:
+        """The selected result, if any."""
+        with self._lock:
+            i = self.selected
+            return self.results[i] if i is not None and i < len(self.results) else None
 
     def counts(self) -> tuple[int, int]:
         """(number of DEFECT, number of OK) results at the current threshold."""
@@ -399,14 +411,16 @@ class InspectionSession:
     def table(self) -> list[list]:
         """Rows [image, verdict, score, score 0-1, your mark], highest score first."""
         return [[r.name, self.verdict(r), round(r.score, 4), round(self.norm_score(r), 3),
-                 _mark_text(r.label)] for r in (self.results[i] for i in self.order())]
+                 _mark_text(r.label)] for r in self.ranked()]
 
     def overlay(self, result: Result, alpha: float = 0.5, outline: bool = True,
-                side: int | None = None) -> Image.Image:
-        """The result's photo (optionally shrunk to ``side``) with heatmap and threshold outline."""
+                side: int | None = None, threshold: float | None = None) -> Image.Image:
+        """The result's photo (optionally shrunk to ``side``) with heatmap and the outline of
+        ``threshold`` (default: the current one)."""
         image = result.image if side is None else shrink(result.image, side)
         lo, hi = self.detector.score_range
-        return heatmap_overlay(image, result.anomaly_map, self.threshold, lo, hi, alpha, outline)
+        threshold = self.threshold if threshold is None else threshold
+        return heatmap_overlay(image, result.anomaly_map, threshold, lo, hi, alpha, outline)
 
     def result_map(self, result: Result) -> np.ndarray:
         """(H, W) float32 anomaly map at the size of the result's (kept) image."""
@@ -429,26 +443,37 @@ class InspectionSession:
 
     # ------------------------------------------------------------------ feedback
 
-    def select(self, index: int) -> Result:
-        if not 0 <= index < len(self.results):
-            raise ValueError(f"no result number {index}; there are {len(self.results)}")
+    @_locked
+    def select(self, which: int | str) -> Result:
+        """Select a result by its index in ``results`` or by its name."""
+        if isinstance(which, str):
+            index = next((i for i, r in enumerate(self.results) if r.name == which), None)
+            if index is None:
+                raise ValueError(f"no result named {which!r}")
+        else:
+            index = which
+            if not 0 <= index < len(self.results):
+                raise ValueError(f"no result number {index}; there are {len(self.results)}")
         self.selected = index
         return self.results[index]
 
-    def select_name(self, name: str) -> Result:
-        for i, result in enumerate(self.results):
-            if result.name == name:
-                return self.select(i)
-        raise ValueError(f"no result named {name!r}")
+    @_locked
+    def select_ranked(self, position: int) -> Result:
+        """Select the result at ``position`` in ``ranked()`` (as the gallery shows them)."""
+        ranked = self.ranked()
+        if not 0 <= position < len(ranked):
+            raise ValueError(f"no result number {position}; there are {len(ranked)}")
+        return self.select(self.results.index(ranked[position]))
 
-    def mark(self, index: int, label: bool | None, progress: Progress | None = None) -> FitReport | None:
-        """Mark result ``index`` good (False), defect (True) or unmarked (None).
+    def mark(self, which: int | str, label: bool | None, progress: Progress | None = None) -> FitReport | None:
+        """Mark a result (its index or its name, looked up under the lock) good (False), defect
+        (True) or unmarked (None); it becomes the selected one.
 
         Marking good adds the image to the references, and taking that mark away removes it;
         both refit the detector (-> its FitReport). If the refit fails the mark is undone.
         """
         with self._lock:
-            result = self.select(index)
+            result = self.select(which)
             old = result.label
             if (old is False) == (label is False):
                 result.label = label
@@ -484,6 +509,7 @@ class InspectionSession:
 
     # ------------------------------------------------------------------ export
 
+    @_locked
     def export_zip(self) -> Path:
         """ZIP of per image ``<name>_overlay.png``, ``_mask.png``, ``_map.npy`` and results.csv.
 
@@ -499,8 +525,7 @@ class InspectionSession:
         writer.writerow(["file", "score", "normalised_score", "verdict", "threshold", "mark"])
         stems: set[str] = set()
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-            for i in self.order():
-                r = self.results[i]
+            for r in self.ranked():
                 stem = _unique(Path(r.name).stem, stems)      # a.png and a.jpg both exist
                 stems.add(stem)
                 amap = self.result_map(r)
@@ -539,23 +564,27 @@ class InspectionSession:
         Drawn once per (opacity, verdict) and kept in the session's folder, so moving the
         threshold redraws no thumbnail: its colours use the calibrated threshold's scale and it
         has no outline (the selected image shows the current threshold's outline)."""
-        verdict = self.verdict(result)
-        key = ("thumbnail", round(float(alpha), 3), verdict)
+        with self._lock:        # one consistent (map, version, detector)
+            verdict, version, amap = self.verdict(result), result.version, result.anomaly_map
+            detector = self.detector
+        key = ("thumbnail", version, round(float(alpha), 3), verdict)
         if key not in result.files:
-            lo, hi = self.detector.score_range
-            heat = heatmap_overlay(shrink(result.image, THUMB_SIDE), result.anomaly_map,
-                                   self.detector.threshold, lo, hi, alpha, outline=False)
+            lo, hi = detector.score_range
+            heat = heatmap_overlay(shrink(result.image, THUMB_SIDE), amap, detector.threshold,
+                                   lo, hi, alpha, outline=False)
             result.files[key] = self._write(framed(heat, verdict))
         return result.files[key]
 
     def overlay_file(self, result: Result, alpha: float = 0.5, outline: bool = True) -> Path:
         """JPEG of ``overlay(result, alpha, outline)`` at the current threshold (quality 92: 20x
         faster to write than a PNG); only the latest one per result is kept."""
-        key = ("overlay", self.threshold, round(float(alpha), 3), bool(outline))
+        with self._lock:
+            threshold, version = self.threshold, result.version
+        key = ("overlay", version, threshold, round(float(alpha), 3), bool(outline))
         if key not in result.files:
-            stale = [k for k in result.files if k[0] == "overlay"]
+            stale = [k for k in list(result.files) if k[0] == "overlay"]
             self._retire(result, stale)
-            result.files[key] = self._write(self.overlay(result, alpha, outline), "jpg")
+            result.files[key] = self._write(self.overlay(result, alpha, outline, threshold=threshold), "jpg")
         return result.files[key]
 
     def photo_file(self, result: Result) -> Path:
@@ -612,7 +641,7 @@ def score_records(detector: PFMDetector, threshold: float, files: Sequence[str |
         record.update(file=name, threshold=threshold)
         try:
             image = shrink(load_image(path, name=name))
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             records.append({**record, "error": str(err)})
             continue
         (amap, score), = _score(detector, [image])
@@ -630,8 +659,9 @@ def fresh_folder(parent: Path) -> Path:
     once they are RETIRED_FILES_GRACE_S old (the app has copied their files by then)."""
     now = time.time()
     for old in parent.glob("scored-*"):
-        if now - old.stat().st_mtime > RETIRED_FILES_GRACE_S:
-            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):      # a concurrent call was first
+            if now - old.stat().st_mtime > RETIRED_FILES_GRACE_S:
+                shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix="scored-", dir=parent))
 
 

@@ -165,7 +165,7 @@ def test_fit_and_inspect_give_sorted_verdicts_scores_and_maps(fitted, brick):
     assert s.fit_report.n_references == len(brick.references)
     assert s.threshold == s.calibrated_threshold == s.detector.threshold
     rows = s.table()
-    assert [row[0] for row in rows] == [s.results[i].name for i in s.order()]
+    assert [row[0] for row in rows] == [r.name for r in s.ranked()]
     assert [row[2] for row in rows] == sorted((row[2] for row in rows), reverse=True)
     for row in rows:
         assert row[1] == ("DEFECT" if row[2] > s.threshold else "OK") and 0 <= row[3] <= 1
@@ -193,7 +193,7 @@ def test_threshold_redraws_verdicts_from_stored_maps(fitted, monkeypatch):
         assert s.counts() == (0, len(scores))
         s.set_threshold((scores[0] + scores[1]) / 2)
         assert s.counts() == (len(scores) - 1, 1)
-        at = s.results[s.order()[-2]]                     # the second lowest score
+        at = s.ranked()[-2]                     # the second lowest score
         s.set_threshold(at.score)
         assert s.norm_score(at) == pytest.approx(0.5) and s.verdict(at) == "OK"
         assert s.score_figure().axes                      # draws at any threshold
@@ -272,8 +272,8 @@ def test_export_zip_has_overlay_mask_map_and_csv(fitted):
     archive = zipfile.ZipFile(s.export_zip())
     names = set(archive.namelist())
     rows = list(csv.DictReader(io.StringIO(archive.read("results.csv").decode())))
-    assert [row["file"] for row in rows] == [s.results[i].name for i in s.order()]
-    for row, r in zip(rows, (s.results[i] for i in s.order())):
+    assert [row["file"] for row in rows] == [r.name for r in s.ranked()]
+    for row, r in zip(rows, s.ranked()):
         stem = Path(r.name).stem
         assert {f"{stem}_overlay.png", f"{stem}_mask.png", f"{stem}_map.npy"} <= names
         assert float(row["score"]) == pytest.approx(r.score, rel=1e-4)
@@ -452,6 +452,7 @@ app.MAX_STORED_BYTES = 1
 before = [r.name for r in s.results]
 out["stored_cap"] = message(lambda: app.inspect_files(s, [str(tests[0]).replace(".", "_copy.", 1)], 0.5, True, progress))
 out["results_kept"] = [r.name for r in s.results] == before and s.is_fitted
+out["removal_at_cap"] = len(app.set_references(seated, [str(p) for p in refs[:1]], full_request)[0].references)
 app.MAX_SESSIONS, app.MAX_STORED_BYTES = 10**6, 10**15
 s4, *_ = app.set_references(None, [str(p) for p in refs[:4]])
 out["fit_md_4"] = app.fit(s4, "effnet-lite", False, False, 0.5, True, progress)[1]
@@ -488,7 +489,7 @@ def test_app_handlers_in_a_child_process():
     assert "busy" in out["session_cap"] and "try again in a minute" in out["session_cap"]
     assert out["seated_still_works"] == 3
     assert "busy" in out["stored_cap"] and "MB of images" in out["stored_cap"]
-    assert out["results_kept"]
+    assert out["results_kept"] and out["removal_at_cap"] == 1
     assert out["count"].startswith("**3 good images**")
     assert out["fit_md"].startswith("**Fitted on 3 good images")
     assert "Rough threshold" in out["fit_md"] and "1 of your 3 images" in out["fit_md"]
@@ -643,3 +644,22 @@ def test_references_stay_when_their_upload_files_are_gone(brick, tmp_path):
     assert s.set_references(copies) == []
     assert [r.name for r in s.references] == [p.name for p in copies]
     assert s.set_references(copies[1:]) == [] and len(s.references) == 2
+
+
+def test_marks_find_their_result_by_name_and_refits_redraw_thumbnails(brick, monkeypatch):
+    """A mark names its result (the list can shift between a click and the mark: eviction), and
+    a refit's new maps give new thumbnails even where the verdict stays the same."""
+    s = InspectionSession()
+    s.set_references(brick.references[:3])
+    s.fit()
+    monkeypatch.setattr(session_module, "MAX_RESULTS", 2)
+    s.inspect([(str(p), p) for p in brick.tests[:2]])
+    clicked = s.results[1].name                      # what the user selected ...
+    s.inspect([(str(brick.tests[2]), brick.tests[2])])    # ... before the oldest was evicted
+    assert s.results[1].name != clicked
+    s.mark(clicked, True)
+    assert [r.name for r in s.results if r.label] == [clicked] and s.current().name == clicked
+    before = {r.name: s.thumbnail_file(r) for r in s.results}
+    s.mark(s.results[0].name, False)                 # joins the references: refit, new maps
+    after = {r.name: s.thumbnail_file(r) for r in s.results}
+    assert all(after[name] != before[name] for name in after)
