@@ -35,7 +35,7 @@ from anomaly.detector import held_out_count
 from anomaly.examples import EXAMPLES_DIR, example_sets
 from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
 from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, SMALL_DEFECTS_SIZE, THUMB_SIDE,
-                             WORK_SIDE, InspectionSession, fresh_folder, score_records)
+                             NO_DETECTOR, WORK_SIDE, InspectionSession, fresh_folder, score_records)
 
 log = logging.getLogger("app")
 
@@ -134,13 +134,11 @@ def room_for_images():
 
 
 def existing(session):
-    """The visitor's session; a gr.Error when it is gone (expired) or never started."""
-    if session is not None and session.fitting and not session.is_fitted:
-        raise gr.Error("The detector is still being fitted; try again when the fit is done.",
-                       print_exception=False)
-    if session is None or not session.is_fitted:
-        raise gr.Error("No detector yet: fit one on good images (step 1) or load a saved "
-                       "detector file first.", print_exception=False)
+    """The visitor's session, which has a detector; the session's ValueError (shown by
+    ``user_errors``) when it has none, was never started or has expired."""
+    if session is None:
+        raise ValueError(NO_DETECTOR)
+    session.require_detector()
     session.touch()
     return session
 

@@ -53,6 +53,8 @@ MAX_RESULTS = 50                                # unmarked results kept per sess
 WORK_SIDE = 768                                 # longer side of the images a session keeps
 THUMB_SIDE = 224                                # longer side of gallery thumbnails
 CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
+NO_DETECTOR = ("No detector yet: fit one on good images (step 1) or load a saved detector "
+               "file first.")
 RETIRED_FILES_GRACE_S = 60                      # drawings no longer shown are deleted after this
 
 
@@ -244,14 +246,14 @@ class InspectionSession:
     def score_files(self, files: Sequence[str | Path], alpha: float = 0.5) -> list[dict]:
         """``score_records`` of these files by the session's detector at its current threshold;
         the session's results are left as they are."""
-        self._require_detector()
+        self.require_detector()
         with self._lock:
             detector, threshold = self.detector, self.threshold
         return score_records(detector, threshold, files, fresh_folder(self._folder()), alpha)
 
     def save_detector(self) -> Path:
         """Write the fitted detector to this session's folder -> the .safetensors path."""
-        self._require_detector()
+        self.require_detector()
         return self.detector.save(self._folder() / "detector.safetensors")
 
     def _switch_to(self, detector: PFMDetector, report: FitReport | None,
@@ -274,12 +276,12 @@ class InspectionSession:
             self.detector, self.threshold = detector, detector.threshold
             self.fit_report, self.loaded_from_file = report, report is None
 
-    def _require_detector(self) -> None:
+    def require_detector(self) -> None:
+        """A ValueError that says what to do when there is no detector yet."""
         if self.detector is None:
             if self.fitting:
                 raise ValueError("The detector is still being fitted; inspect when the fit is done.")
-            raise ValueError("No detector yet: fit one on good images (step 1) or load a saved "
-                             "detector file first.")
+            raise ValueError(NO_DETECTOR)
 
     # ------------------------------------------------------------------ inspecting
 
@@ -293,7 +295,7 @@ class InspectionSession:
         MAX_RESULTS unmarked results the oldest unmarked are dropped (results marked good or
         defective are kept).
         """
-        self._require_detector()
+        self.require_detector()
         items = list(items or [])
         if not items:
             raise ValueError("Add one or more test images first.")
@@ -355,11 +357,11 @@ class InspectionSession:
 
     @property
     def calibrated_threshold(self) -> float:
-        self._require_detector()
+        self.require_detector()
         return self.detector.threshold
 
     def set_threshold(self, value: float) -> None:
-        self._require_detector()
+        self.require_detector()
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"threshold must be a number >= 0, got {value}")
@@ -371,7 +373,7 @@ class InspectionSession:
 
     def threshold_range(self) -> tuple[float, float, float]:
         """(minimum, maximum, step) for a threshold slider covering every score in the session."""
-        self._require_detector()
+        self.require_detector()
         lo, hi = self.detector.score_range
         values = [lo, hi, self.threshold, *self.detector.calibration_scores.tolist(),
                   *(r.score for r in self.results)]
@@ -436,7 +438,7 @@ class InspectionSession:
 
     def score_figure(self):
         """Reference and test scores with the threshold line (matplotlib Figure)."""
-        self._require_detector()
+        self.require_detector()
         labels = [r.label for r in self.results]
         return score_plot(self.detector.calibration_scores.numpy(), [r.score for r in self.results],
                           self.threshold, labels if any(x is not None for x in labels) else None)
@@ -516,7 +518,7 @@ class InspectionSession:
         Maps and masks are at the size of the kept image (longer side <= WORK_SIDE); the CSV
         lists file name, score, normalised score, verdict, threshold and the user's mark.
         """
-        self._require_detector()
+        self.require_detector()
         if not self.results:
             raise ValueError("Nothing to export yet: inspect some test images first.")
         path = self._folder() / "inspection_results.zip"
