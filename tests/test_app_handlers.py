@@ -24,7 +24,7 @@ from anomaly import session as session_module
 from anomaly.examples import example_sets
 from anomaly.detector import DetectorConfig
 from anomaly.session import CONFIG_ENV, InspectionSession, detector_config
-from conftest import REPO, category_files
+from conftest import REPO, category_files, run_beside_app
 
 FAST_CONFIG = {"steps": 30, "views": 8, "image_size": 128}
 
@@ -504,16 +504,10 @@ def test_app_handlers_in_a_child_process():
 
 
 UNLOAD_CHECKS = r"""
-import json, socket, time
+import time
 from gradio_client import Client, handle_file
-import app
 from anomaly.examples import example_sets
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-app.launch(port=port, prevent_thread_lock=True, quiet=True)
-url = f"http://127.0.0.1:{port}/"
 refs, tests = example_sets()["brick_wall"]
 alice, bob = Client(url, verbose=False), Client(url, verbose=False)
 for client in (alice, bob):
@@ -532,8 +526,6 @@ out["alice_left"] = [alice_session.is_fitted, len(alice_session.results), len(al
 summary = bob.predict([handle_file(str(tests[2]))], 0.5, True, api_name="/inspect")[1]
 out["bob_summary"] = summary
 bob.close()
-print("RESULT" + json.dumps(out))
-app.demo.close()
 """
 
 
@@ -541,11 +533,7 @@ app.demo.close()
 def test_closing_a_tab_frees_its_session_and_spares_the_others():
     """A client that disconnects (tab closed) has its detector, images and maps freed at once
     (not an hour later); another visitor's session keeps working."""
-    env = {**os.environ, CONFIG_ENV: json.dumps(FAST_CONFIG)}
-    run = subprocess.run([sys.executable, "-c", UNLOAD_CHECKS], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.split("RESULT", 1)[1].splitlines()[0])
+    out = run_beside_app(UNLOAD_CHECKS, json.dumps(FAST_CONFIG))
     assert out["open"] and out["alice_had"] == [True, 2]
     assert not out["alice_open_after_close"]
     assert out["alice_left"] == [False, 0, 0]

@@ -2,14 +2,10 @@
 (scripts/load_test.py) at a small size gets no errors and only each session's own results, and
 one visitor's fit does not hold up another's inspection. No wall-clock limits are asserted."""
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_beside_app
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +41,10 @@ def test_concurrent_sessions_are_isolated(data_dir, tmp_path):
 
 
 STALL_CHECKS = r"""
-import json, socket, time
+import time
 from gradio_client import Client, handle_file
-import app
 from anomaly.examples import example_sets
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-app.launch(port=port, prevent_thread_lock=True, quiet=True)
-url = f"http://127.0.0.1:{port}/"
 refs, tests = example_sets()["brick_wall"]
 alice, bob = Client(url, verbose=False), Client(url, verbose=False)
 alice.predict([handle_file(str(p)) for p in refs[:3]], api_name="/set_references")
@@ -74,19 +64,13 @@ out["bob_summary"] = summary
 out["alice_summaries"] = [job.result()[1] for job in alice_inspects]
 out["alice_done_before_refit"] = not refit.done()
 refit.result()
-print("RESULT" + json.dumps(out))
-app.demo.close()
 """
 
 
 def test_a_fit_does_not_stall_inspections(tmp_path):
     """While visitor A's fit trains and her own tab fires two inspections (as dropping test
     images does), visitor B's inspection is answered before A's fit ends."""
-    env = {**os.environ, "ANOMALY_APP_CONFIG": SLOW_FIT_CONFIG}
-    run = subprocess.run([sys.executable, "-c", STALL_CHECKS], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.split("RESULT", 1)[1].splitlines()[0])
+    out = run_beside_app(STALL_CHECKS, SLOW_FIT_CONFIG)
     assert out["refit_running_when_bob_done"], out
     assert out["alice_done_before_refit"], out
     assert out["bob_summary"].startswith("**1 image:")

@@ -1,32 +1,22 @@
 """The app's scripting endpoint /score through gradio_client against the real app on localhost:
 the README's example as written, the session mode, and files that cannot be scored."""
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from anomaly.session import WORK_SIDE
-from conftest import REPO, category_files
+from conftest import category_files, run_beside_app
 
 pytestmark = pytest.mark.slow
 
 FAST_CONFIG = '{"steps": 30, "views": 8, "image_size": 128}'
 
 SCORE_CHECKS = r"""
-import json, shutil, socket, subprocess, sys, tempfile
+import shutil, subprocess, tempfile
 from pathlib import Path
 from gradio_client import Client, handle_file
-import app
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-app.launch(port=port, prevent_thread_lock=True, quiet=True)
-url = f"http://127.0.0.1:{port}/"
 refs, good, broken = json.loads(sys.argv[1])
 out = {}
 engineer = Client(url, verbose=False)
@@ -63,8 +53,6 @@ engineer.predict(records[0]["score"] + 1e-6, 0.5, True, api_name="/set_threshold
 mine, _ = engineer.predict([handle_file(good)], None, api_name="/score")
 out["session_record"] = mine[0]
 out["session_results"] = len(app.OPEN_SESSIONS[engineer.session_hash].results)
-print("RESULT" + json.dumps(out))
-app.demo.close()
 """
 
 
@@ -72,11 +60,7 @@ def test_score_endpoint_returns_records_and_overlays(data_dir):
     refs = [str(p) for p in category_files(data_dir, "bottle", "train/good", 3)]
     good = str(category_files(data_dir, "bottle", "test/good", 1)[0])
     broken = str(category_files(data_dir, "bottle", "test/broken_large", 1)[0])
-    env = {**os.environ, "ANOMALY_APP_CONFIG": FAST_CONFIG}
-    run = subprocess.run([sys.executable, "-c", SCORE_CHECKS, json.dumps([refs, good, broken])],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.split("RESULT", 1)[1].splitlines()[0])
+    out = run_beside_app(SCORE_CHECKS, FAST_CONFIG, json.dumps([refs, good, broken]))
     assert "No detector yet" in out["not_fitted"]
 
     assert out["example_lines"] <= 5
