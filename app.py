@@ -700,10 +700,11 @@ def launch(host="127.0.0.1", port=7860, **kwargs):
 
 
 def preload_backbones():
-    """Load the default feature extractors in the background so the first fit starts at once."""
+    """Load the default feature extractors and their runtime sessions for the default image size
+    in the background, so that the first fit starts at once."""
     def load():
         try:
-            load_pair(DEFAULT_PAIR)
+            load_pair(DEFAULT_PAIR).warm(DetectorConfig().image_size)
         except Exception:  # the first fit will report it to the user
             log.exception("preloading the %s backbones failed", DEFAULT_PAIR)
     threading.Thread(target=load, name="preload-backbones", daemon=True).start()

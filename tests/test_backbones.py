@@ -82,12 +82,14 @@ def test_onnxruntime_gives_the_same_features_and_maps_as_torch_on_real_photos(da
     from anomaly.image_io import load_image
     from conftest import category_files
     paths = category_files(data_dir, "screw", "test/thread_side", 2) + category_files(data_dir, "bottle", "test/good", 2)
-    x, _ = to_tensor([load_image(p) for p in paths], 256)
     fast, reference = load_pair("effnet-lite", "onnxruntime"), load_pair("effnet-lite", "torch")
     assert fast.source.runtime == "onnxruntime" and reference.source.runtime == "torch"
-    for a, b in zip(fast.features(x), reference.features(x)):
-        for level_a, level_b in zip(a, b):
-            torch.testing.assert_close(level_a, level_b, rtol=0, atol=1e-3 * float(level_b.abs().max()))
+    for size in (256, 192):            # one ONNX Runtime session per input size
+        x, _ = to_tensor([load_image(p) for p in paths], size)
+        for a, b in zip(fast.features(x), reference.features(x)):
+            for level_a, level_b in zip(a, b):
+                assert level_a.shape == level_b.shape
+                torch.testing.assert_close(level_a, level_b, rtol=0, atol=1e-3 * float(level_b.abs().max()))
     config = DetectorConfig(steps=20, views=8)
     eager = PFMDetector(config, runtime="torch")
     eager.fit(category_files(data_dir, "bottle", "train/good", 2))
@@ -108,3 +110,21 @@ def test_runtime_is_chosen_by_environment(monkeypatch):
         default_runtime()
     monkeypatch.delenv("ANOMALY_RUNTIME")
     assert default_runtime() == "onnxruntime"            # installed by requirements.txt
+
+
+def test_a_failed_export_falls_back_to_pytorch(monkeypatch):
+    """ONNX Runtime is an accelerator, never a requirement: if exporting fails, the extractor
+    says so in ``runtime`` and gives PyTorch's features."""
+    from anomaly import backbones
+
+    def broken(*args):
+        raise RuntimeError("exporter broke")
+    monkeypatch.setattr(backbones, "_onnx_session", broken)
+    torch_extractor = backbones.load_extractor("efficientnet_lite0", "torch")
+    extractor = backbones.FeatureExtractor("lite0", torch_extractor.body, torch_extractor.channels,
+                                           torch_extractor.strides, backbones.EFFNET_LITE_NORM, "onnxruntime")
+    assert extractor.runtime == "onnxruntime"
+    x = torch.rand(1, 3, 64, 64)
+    for a, b in zip(extractor.unnormalised(x), torch_extractor.unnormalised(x)):
+        torch.testing.assert_close(a, b)
+    assert extractor.runtime == "torch"
