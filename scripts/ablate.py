@@ -31,7 +31,10 @@ VARIANTS = {
     "bank-1024": {"bank_size": 1024},
     "bank-16384": {"bank_size": 16384},
     "sigma-8": {"sigma": 8.0},
-    "steps-100": {"steps": 100},
+    "steps-200-batch-256": {"steps": 200, "batch": 256},
+    "steps-150-batch-256": {"steps": 150, "batch": 256},
+    "steps-100-batch-256": {"steps": 100, "batch": 256},
+    "views-32": {"views": 32},
     "256px": {"image_size": 256},
     "384px": {"image_size": 384},
 }
