@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_METHODS = ("pfm", "knn", "patchcore", "padim")
+RUNTIMES = ("onnxruntime", "torch")             # anomaly.backbones.RUNTIMES, without importing torch
 
 
 def default_data_dir() -> Path:
@@ -37,7 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use N test images per category (half good, evenly spread); default: all")
     p.add_argument("--timed-images", type=int, default=10, metavar="N",
                    help="predict calls (batch of one) timed per run; default: 10")
-    p.add_argument("--image-size", type=int, default=256, help="model resolution; default: 256")
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
+                   help="where PFM's and the kNN bank's backbones run, each timed and scored apart "
+                        "(PyTorch eager is the reference); default: both")
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help="model resolution; default: the detector's (320)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="peak memory per method, category and shots in a fresh process (seed 0)")
     p.add_argument("--scaling-refs", nargs="*", type=int, default=[1, 4, 8, 16, 32, 64], metavar="K",
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.json}: is a folder; give a file name")
     dirs = args.dirs or _default_categories()
     config = BenchConfig(categories=dirs, shots=args.shots, seeds=args.seeds, methods=args.methods,
-                         image_size=args.image_size, limit_test=args.limit_test,
+                         runtimes=args.runtimes, image_size=args.image_size or BenchConfig.image_size, limit_test=args.limit_test,
                          timed_images=args.timed_images, memory=args.memory,
                          scaling_refs=args.scaling_refs, scaling_sizes=args.scaling_sizes,
                          scaling_methods=args.scaling_methods)

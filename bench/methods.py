@@ -9,6 +9,8 @@
   a 10 % coreset and 9-neighbour reweighting, PaDiM with 100 random channels of strides 4/8/16).
 
 Every method sees the same RGB PIL images, resized by ``anomaly.detector.to_tensor`` to S x S.
+``pfm`` and ``knn`` run their backbones on a chosen runtime (``anomaly.backbones.RUNTIMES``:
+ONNX Runtime or PyTorch eager); anomalib's models run in PyTorch eager.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from anomaly.scoring import gaussian_blur
 
 METHODS = ("pfm", "knn", "patchcore", "padim")
 ANOMALIB_METHODS = ("patchcore", "padim")
+RUNTIME_METHODS = ("pfm", "knn")              # backbones on anomaly.backbones' runtimes
 LABELS = {"pfm": "PFM (app)", "knn": "kNN bank (bench)", "patchcore": "anomalib PatchCore",
           "padim": "anomalib PaDiM"}
 BASELINE_BACKBONE = "efficientnet_lite0"      # the source network of the app's default pair
@@ -48,12 +51,13 @@ class Method(Protocol):
         """One image (batch of one) -> (map (H, W) at the image's own size, image score)."""
 
 
-def build_method(name: str, image_size: int = 256, seed: int = 0) -> Method:
-    """A fresh, unfitted method ``name`` (one of METHODS)."""
+def build_method(name: str, image_size: int = 256, seed: int = 0, runtime: str | None = None) -> Method:
+    """A fresh, unfitted method ``name`` (one of METHODS); ``runtime`` for RUNTIME_METHODS
+    (default: ``anomaly.backbones.default_runtime()``), ignored by anomalib's."""
     if name == "pfm":
-        return PFMMethod(image_size, seed)
+        return PFMMethod(image_size, seed, runtime)
     if name == "knn":
-        return KnnBaseline(image_size)
+        return KnnBaseline(image_size, runtime=runtime)
     if name == "patchcore":
         return AnomalibPatchCore(image_size, seed)
     if name == "padim":
@@ -75,8 +79,8 @@ class PFMMethod:
 
     name = "pfm"
 
-    def __init__(self, image_size: int = 256, seed: int = 0):
-        self.detector = PFMDetector(DetectorConfig(image_size=image_size, seed=seed))
+    def __init__(self, image_size: int = 256, seed: int = 0, runtime: str | None = None):
+        self.detector = PFMDetector(DetectorConfig(image_size=image_size, seed=seed), runtime=runtime)
 
     def fit(self, images: list[Image.Image]) -> None:
         self.detector.fit(images)
@@ -139,9 +143,10 @@ class KnnBaseline(_TensorMethod):
     name = "knn"
 
     def __init__(self, image_size: int = 256, sigma: float = DetectorConfig.sigma,
-                 strides: tuple[int, ...] = (8, 16), max_chunk_elements: int = 1 << 24):
+                 strides: tuple[int, ...] = (8, 16), max_chunk_elements: int = 1 << 24,
+                 runtime: str | None = None):
         super().__init__(image_size)
-        self.extractor = load_extractor(BASELINE_BACKBONE)
+        self.extractor = load_extractor(BASELINE_BACKBONE, runtime)
         self.levels = [self.extractor.strides.index(s) for s in strides]
         self.sigma = sigma
         self.max_chunk_elements = max_chunk_elements          # floats per distance block

@@ -57,9 +57,10 @@ def spread(items: list, n: int) -> list:
 def probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 256,
           timed: int = 5) -> dict:
     """Fit ``method`` on the protocol's references, predict ``timed`` test images one by one."""
+    from anomaly.backbones import default_runtime
     from anomaly.datasets import discover, reference_paths, test_samples
     from anomaly.image_io import load_image
-    from bench.methods import build_method
+    from bench.methods import RUNTIME_METHODS, build_method
 
     cat = discover(category)
     references = [load_image(p) for p in reference_paths(cat, shots, seed)]
@@ -78,7 +79,8 @@ def probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 25
         model.predict(image)
         times.append((time.perf_counter() - start) * 1000.0)
     peak = _status_mb("VmHWM")
-    return {"method": method, "category": cat.name, "shots": shots, "seed": seed, "image_size": size,
+    return {"method": method, "runtime": default_runtime() if method in RUNTIME_METHODS else "torch",
+            "category": cat.name, "shots": shots, "seed": seed, "image_size": size,
             "fit_seconds": fit_seconds, "predict_ms": statistics.median(times),
             "rss_before_fit_mb": rss_before, "peak_rss_mb": peak, "peak_delta_mb": peak - rss_before,
             # False: the peak could not be reset, so it may come from the imports (an upper bound)

@@ -8,7 +8,8 @@ from .methods import LABELS, METHODS
 
 
 def markdown(results: dict) -> str:
-    """The whole report: machine line, methods table, targets, speed floor, scaling."""
+    """The whole report: machine line, methods table, runtime agreement, targets, speed floor,
+    scaling."""
     meta = results["meta"]
     m = meta["machine"]
     parts = [f"Measured {meta['date']} on {m['nproc']} cores ({m['cpu_model']}), torch {m['torch']} "
@@ -16,8 +17,11 @@ def markdown(results: dict) -> str:
              f"load average {_load(m.get('load_average_1_5_15'))} at the start, "
              f"{_load(meta.get('load_average_at_end'))} at the end.",
              methods_table(results["summary"])]
+    runtime = meta.get("default_runtime", "torch")
+    if len({s.get("runtime") for s in results["summary"] if s["method"] == "pfm"}) > 1:
+        parts.append(runtime_table(results["summary"], runtime))
     if results["summary"]:
-        parts.append(targets_table(results["summary"]))
+        parts.append(targets_table(results["summary"], runtime))
     if results["floor"]:
         parts.append(floor_table(results["floor"]))
     if results["scaling"]:
@@ -27,25 +31,49 @@ def markdown(results: dict) -> str:
 
 def methods_table(summary: Sequence[dict]) -> str:
     """Means over seeds per category, shots and method."""
-    header = ["category", "shots", "method", "seeds", "image AUROC", "pixel AUROC", "AUPRO",
+    header = ["category", "shots", "method", "runtime", "seeds", "image AUROC", "pixel AUROC", "AUPRO",
               "fit s", "predict ms", "peak MiB (+RSS)"]
     lines = _header(header)
     for s in summary:
-        lines.append(_row([s["category"], s["shots"], LABELS[s["method"]], s["seeds"],
+        lines.append(_row([s["category"], s["shots"], LABELS[s["method"]], s.get("runtime", "torch"), s["seeds"],
                            _f(s["image_auroc"], ".3f"), _f(s["pixel_auroc"], ".3f"), _f(s["aupro"], ".3f"),
                            _f(s["fit_seconds"], ".1f"), _f(s["predict_ms"], ".0f"),
                            _f(s["peak_delta_mb"], ".0f")]))
     return "\n".join(lines)
 
 
-def targets_table(summary: Sequence[dict]) -> str:
-    """The issue's targets at the largest shot count: PFM against the best baseline."""
+def runtime_table(summary: Sequence[dict], runtime: str) -> str:
+    """PFM on ``runtime`` against PFM in PyTorch eager (the reference), same references and
+    images: the accuracy must agree, only the time may differ."""
+    header = ["category", "shots", "image AUROC", "pixel AUROC", "AUPRO", "largest difference",
+              "fit s", "predict ms"]
+    lines = _header(header)
+    pfm = {(s["category"], s["shots"], s.get("runtime")): s for s in summary if s["method"] == "pfm"}
+    for (category, shots, rt), fast in pfm.items():
+        ref = pfm.get((category, shots, "torch"))
+        if rt != runtime or ref is None or rt == "torch":
+            continue
+        keys = [k for k in ("image_auroc", "pixel_auroc", "aupro") if fast[k] is not None and ref[k] is not None]
+        diff = max((abs(fast[k] - ref[k]) for k in keys), default=None)
+        pair = lambda key, spec: f"{_f(fast[key], spec)} / {_f(ref[key], spec)}"
+        lines.append(_row([category, shots, pair("image_auroc", ".3f"), pair("pixel_auroc", ".3f"),
+                           pair("aupro", ".3f"), _f(diff, ".4f"), pair("fit_seconds", ".1f"),
+                           pair("predict_ms", ".0f")]))
+    return f"PFM on {runtime} / in PyTorch eager:\n\n" + "\n".join(lines)
+
+
+def targets_table(summary: Sequence[dict], runtime: str = "torch") -> str:
+    """The issue's targets at the largest shot count: PFM against the best baseline, each
+    method on ``runtime`` where it ran there (else in PyTorch eager)."""
     shots = max(s["shots"] for s in summary)
     header = ["category", "shots", "image AUROC: PFM vs best baseline", "pixel AUROC: PFM vs best baseline",
               "predict ms: PFM vs PatchCore"]
     lines = _header(header)
     for category in sorted({s["category"] for s in summary}):
-        rows = {s["method"]: s for s in summary if s["category"] == category and s["shots"] == shots}
+        rows = {}
+        for s in sorted(summary, key=lambda s: s.get("runtime", "torch") == runtime):   # preferred last
+            if s["category"] == category and s["shots"] == shots:
+                rows[s["method"]] = s
         pfm = rows.get("pfm")
         if pfm is None:
             continue
@@ -69,11 +97,11 @@ def targets_table(summary: Sequence[dict]) -> str:
 
 
 def floor_table(floors: Sequence[dict]) -> str:
-    header = ["category", "shots", "views", "fit floor s", "PFM fit s", "fit ratio",
+    header = ["category", "shots", "runtime", "views", "fit floor s", "PFM fit s", "fit ratio",
               "predict floor ms", "PFM predict ms", "predict ratio", "resize ms"]
     lines = _header(header)
     for f in floors:
-        lines.append(_row([f["category"], f["shots"], f["views"], _f(f["fit_floor_seconds"], ".2f"),
+        lines.append(_row([f["category"], f["shots"], f.get("runtime", "torch"), f["views"], _f(f["fit_floor_seconds"], ".2f"),
                            _f(f["pfm_fit_seconds"], ".2f"), _f(f["fit_ratio"], ".2f"),
                            _f(f["predict_floor_ms"], ".1f"), _f(f["pfm_predict_ms"], ".1f"),
                            _f(f["predict_ratio"], ".2f"), _f(f["resize_ms"], ".1f")]))

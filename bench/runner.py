@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from anomaly import metrics
-from anomaly.backbones import load_pair
+from anomaly.backbones import RUNTIMES, default_runtime, load_pair
 from anomaly.datasets import Category, discover, load_mask, reference_paths, test_samples
 from anomaly.detector import DetectorConfig, PFMDetector, to_tensor
 from anomaly.image_io import load_image
 
-from .methods import LABELS, METHODS, anomalib_version, build_method, views_of
+from .methods import LABELS, METHODS, RUNTIME_METHODS, anomalib_version, build_method, views_of
 from .probe import MEMORY_METHOD, run_probe, spread
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class BenchConfig:
     shots: list[int] = field(default_factory=lambda: [1, 4, 8])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    image_size: int = 256
+    runtimes: list[str] = field(default_factory=lambda: list(RUNTIMES))   # for RUNTIME_METHODS
+    image_size: int = DetectorConfig.image_size                          # the app's default
     limit_test: int | None = None       # this many test images per category (half good), or all
     timed_images: int = 10              # predict calls (batch of one) per run; median reported
     predict_floor_repeats: int = 20
@@ -63,6 +64,8 @@ class BenchConfig:
         for name in [*self.methods, *self.scaling_methods]:
             if name not in METHODS:
                 raise ValueError(f"method {name!r} unknown; choose from {', '.join(METHODS)}")
+        if not self.runtimes or not set(self.runtimes) <= set(RUNTIMES):
+            raise ValueError(f"--runtimes {self.runtimes}; choose from {', '.join(RUNTIMES)}")
         if not self.shots or min(self.shots) < 1:
             raise ValueError(f"--shots {self.shots}; every shot count must be 1 or more")
         if not self.seeds or min(self.seeds) < 0:
@@ -114,17 +117,18 @@ def load_category(category: Category, size: int, limit: int | None) -> CategoryD
 
 
 def evaluate(method_name: str, data: CategoryData, references: list, shots: int, seed: int,
-             size: int, timed_images: int) -> dict:
-    """Fit one method on ``references``, score the whole test set, time predict -> one row."""
-    method = build_method(method_name, size, seed)
+             size: int, timed_images: int, runtime: str = "torch") -> dict:
+    """Fit one method on ``references`` with its backbones on ``runtime``, score the whole test
+    set, time predict -> one row."""
+    method = build_method(method_name, size, seed, runtime)
     start = time.perf_counter()
     method.fit(references)
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     maps, scores = method.maps(data.images)                             # (N, S, S), (N,)
     maps_ms = (time.perf_counter() - start) * 1000.0 / len(data.images)
-    row = {"method": method_name, "category": data.category.name, "shots": shots, "seed": seed,
-           "image_size": size, "n_test": len(data.images), "image_auroc": None,
+    row = {"method": method_name, "runtime": runtime, "category": data.category.name, "shots": shots,
+           "seed": seed, "image_size": size, "n_test": len(data.images), "image_auroc": None,
            "pixel_auroc": None, "aupro": None, "note": None}
     if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
         # e.g. anomalib's PaDiM on one reference: its covariance divides by (k - 1) = 0
@@ -147,17 +151,17 @@ def evaluate(method_name: str, data: CategoryData, references: list, shots: int,
 
 
 def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeats: int,
-                predict_repeats: int) -> dict:
-    """PFM's fit and predict against the floor: both backbones' forward pass over the training
-    views PFM's fit builds (in chunks of 8, as it does) and on one image.
+                predict_repeats: int, runtime: str) -> dict:
+    """PFM's fit and predict against the floor: both backbones' forward pass, on the same
+    ``runtime``, over the training views PFM's fit builds (in its chunks) and on one image.
 
     PFM and its floor are timed in alternation, so both see the same load on a shared machine;
     ratios are medians over repeats. PFM's predict is the app's: a PIL image in, a map at the
     image's own size out; the floor starts from the resized tensor (resize_ms is reported apart).
     """
-    extract = load_pair(config.backbone).features                      # what the fit runs, chunks of 8
+    extract = load_pair(config.backbone, runtime).features             # what the fit runs, in chunks
     views = views_of(references, config)                               # (V, 3, S, S)
-    detector = PFMDetector(config)
+    detector = PFMDetector(config, runtime=runtime)
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -176,7 +180,7 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
         floor.append(timed(lambda: extract(one)))
         predict.append(timed(lambda: detector.predict(test_image)))
         resize.append(timed(lambda: to_tensor([test_image], config.image_size, config.resize)))
-    out = {"views": int(views.shape[0]), "fit_floor_seconds": statistics.median(fit_floor),
+    out = {"runtime": runtime, "views": int(views.shape[0]), "fit_floor_seconds": statistics.median(fit_floor),
            "pfm_fit_seconds": statistics.median(fit), "predict_floor_ms": statistics.median(floor) * 1e3,
            "pfm_predict_ms": statistics.median(predict) * 1e3, "resize_ms": statistics.median(resize) * 1e3}
     out["fit_ratio"] = out["pfm_fit_seconds"] / out["fit_floor_seconds"]
@@ -185,25 +189,28 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
 
 
 def summarise(rows: Sequence[dict], memory: Sequence[dict] = ()) -> list[dict]:
-    """Rows -> one row per (method, category, shots): means over seeds, plus the memory probe."""
+    """Rows -> one row per (method, runtime, category, shots): means over seeds, plus the memory
+    probe (which runs on the default runtime)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["method"], row["category"], row["shots"]), []).append(row)
-    probes = {(m["method"], m["category"], m["shots"]): m for m in memory}
+        groups.setdefault((row["method"], row.get("runtime", "torch"), row["category"], row["shots"]),
+                          []).append(row)
+    probes = {(m["method"], m.get("runtime", "torch"), m["category"], m["shots"]): m for m in memory}
     out = []
-    for (method, category, shots), members in groups.items():
-        s = {"method": method, "category": category, "shots": shots, "seeds": len(members)}
+    for (method, runtime, category, shots), members in groups.items():
+        s = {"method": method, "runtime": runtime, "category": category, "shots": shots, "seeds": len(members)}
         for key in MEAN_KEYS:
             values = [r[key] for r in members if r.get(key) is not None]
             s[key] = float(np.mean(values)) if values else None
         aurocs = [r["image_auroc"] for r in members if r["image_auroc"] is not None]
         s["image_auroc_std"] = float(np.std(aurocs)) if aurocs else None
         s["notes"] = sorted({r["note"] for r in members if r.get("note")})
-        probe = probes.get((method, category, shots))
+        probe = probes.get((method, runtime, category, shots))
         s["peak_delta_mb"] = probe["peak_delta_mb"] if probe else None
         s["peak_rss_mb"] = probe["peak_rss_mb"] if probe else None
         out.append(s)
-    return sorted(out, key=lambda s: (s["category"], s["shots"], METHODS.index(s["method"])))
+    return sorted(out, key=lambda s: (s["category"], s["shots"], METHODS.index(s["method"]),
+                                      s["runtime"] != default_runtime()))
 
 
 def machine() -> dict:
@@ -237,6 +244,7 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
     results = {"meta": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                         "machine": machine(), "config": _jsonable(asdict(config)),
                         "command": " ".join(sys.argv), "memory_method": MEMORY_METHOD,
+                        "default_runtime": default_runtime(),
                         "labels": LABELS},
                "runs": [], "summary": [], "memory": [], "floor": [], "scaling": []}
     size, started = config.image_size, time.perf_counter()
@@ -245,17 +253,19 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
         results["summary"] = summarise(results["runs"], results["memory"])
         on_update(results)
 
-    total = len(categories) * len(config.shots) * len(config.seeds) * len(config.methods)
+    runs = [(name, runtime) for name in config.methods
+            for runtime in (config.runtimes if name in RUNTIME_METHODS else ["torch"])]
+    total = len(categories) * len(config.shots) * len(config.seeds) * len(runs)
     for category in categories:
         data = load_category(category, size, config.limit_test)
         for shots in config.shots:
             for seed in config.seeds:
                 references = [load_image(p) for p in reference_paths(category, shots, seed)]
-                for name in config.methods:
-                    row = evaluate(name, data, references, shots, seed, size, config.timed_images)
+                for name, runtime in runs:
+                    row = evaluate(name, data, references, shots, seed, size, config.timed_images, runtime)
                     results["runs"].append(row)
                     progress(f"[{len(results['runs'])}/{total}] {category.name} shots={shots} seed={seed} "
-                             f"{name}: image {_f(row['image_auroc'])} pixel {_f(row['pixel_auroc'])} "
+                             f"{name} ({runtime}): image {_f(row['image_auroc'])} pixel {_f(row['pixel_auroc'])} "
                              f"aupro {_f(row['aupro'])} fit {row['fit_seconds']:.1f} s "
                              f"predict {row['predict_ms']:.0f} ms ({time.perf_counter() - started:.0f} s)")
                     update()
@@ -263,13 +273,14 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
         if "pfm" in config.methods:                 # the speed floor, at the largest shot count
             shots = max(config.shots)
             references = [load_image(p) for p in reference_paths(category, shots, 0)]
-            floor = speed_floor(references, data.images[0], DetectorConfig(image_size=size),
-                                config.fit_floor_repeats, config.predict_floor_repeats)
-            results["floor"].append({"category": category.name, "shots": shots, **floor})
-            progress(f"{category.name}: fit {floor['pfm_fit_seconds']:.1f} s / floor "
-                     f"{floor['fit_floor_seconds']:.2f} s over {floor['views']} views = {floor['fit_ratio']:.2f}; "
-                     f"predict {floor['pfm_predict_ms']:.0f} ms / floor {floor['predict_floor_ms']:.0f} ms "
-                     f"= {floor['predict_ratio']:.2f}")
+            for runtime in config.runtimes:
+                floor = speed_floor(references, data.images[0], DetectorConfig(image_size=size),
+                                    config.fit_floor_repeats, config.predict_floor_repeats, runtime)
+                results["floor"].append({"category": category.name, "shots": shots, **floor})
+                progress(f"{category.name} ({runtime}): fit {floor['pfm_fit_seconds']:.1f} s / floor "
+                         f"{floor['fit_floor_seconds']:.2f} s over {floor['views']} views = "
+                         f"{floor['fit_ratio']:.2f}; predict {floor['pfm_predict_ms']:.0f} ms / floor "
+                         f"{floor['predict_floor_ms']:.0f} ms = {floor['predict_ratio']:.2f}")
     if config.memory:
         for category in categories:
             for shots in config.shots:

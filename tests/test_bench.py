@@ -74,19 +74,25 @@ def test_tiny_benchmark_writes_well_formed_json_markdown_and_plot(data_dir, tmp_
     results = json.loads(out.read_text())
     assert set(results) >= {"meta", "runs", "summary", "memory", "floor", "scaling"}
     assert results["meta"]["machine"]["nproc"] >= 1
-    assert [(r["method"], r["n_test"]) for r in results["runs"]] == [("pfm", 4), ("knn", 4)]
+    assert [(r["method"], r["runtime"], r["n_test"]) for r in results["runs"]] == [
+        ("pfm", "onnxruntime", 4), ("pfm", "torch", 4), ("knn", "onnxruntime", 4), ("knn", "torch", 4)]
     for row in results["runs"]:
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
         assert row["fit_seconds"] > 0 and row["predict_ms"] > 0
-    assert len(results["summary"]) == 2
+    assert len(results["summary"]) == 4
+    pfm = {r["runtime"]: r for r in results["runs"] if r["method"] == "pfm"}   # same maps, same ranking
+    assert pfm["onnxruntime"]["image_auroc"] == pfm["torch"]["image_auroc"]
+    assert abs(pfm["onnxruntime"]["pixel_auroc"] - pfm["torch"]["pixel_auroc"]) < 1e-3
     assert [m["method"] for m in results["memory"]] == ["pfm", "knn"]
     assert all(m["peak_rss_mb"] >= m["rss_before_fit_mb"] > 0 for m in results["memory"])
-    floor = results["floor"][0]
-    assert floor["fit_ratio"] > 0 and floor["predict_ratio"] > 0 and floor["views"] >= 1
+    assert [f["runtime"] for f in results["floor"]] == ["onnxruntime", "torch"]
+    for floor in results["floor"]:
+        assert floor["fit_ratio"] > 0 and floor["predict_ratio"] > 0 and floor["views"] >= 1
     assert [(p["axis"], p["value"], p["method"]) for p in results["scaling"]] == [("references", 1, "knn")]
     report = (tmp_path / "bench.md").read_text()
     assert report == markdown(results)
-    assert "| bottle | 1 | PFM (app) |" in report and "fit ratio" in report
+    assert "| bottle | 1 | PFM (app) | onnxruntime |" in report and "| bottle | 1 | PFM (app) | torch |" in report
+    assert "PFM on onnxruntime / in PyTorch eager" in report and "fit ratio" in report
     assert (tmp_path / "bench_scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert "| bottle | 1 | kNN bank (bench) |" in capsys.readouterr().out
 
