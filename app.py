@@ -17,9 +17,11 @@ import ctypes.util
 import functools
 import gc
 import hashlib
+import importlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -29,13 +31,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from anomaly import BACKBONE_PAIRS, DetectorConfig, PFMDetector, WeightsUnavailableError
-from anomaly.backbones import DEFAULT_PAIR, load_pair
-from anomaly.detector import held_out_count
+# Only torch-free parts of the package here: the page is built and served from these while the
+# models load in the background (preload_models); handlers import the rest when first called.
 from anomaly.examples import EXAMPLES_DIR, example_sets
 from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
-from anomaly.session import (MAX_REFERENCES, MAX_RESULTS, MAX_TEST_BATCH, SMALL_DEFECTS_SIZE, THUMB_SIDE,
-                             NO_DETECTOR, WORK_SIDE, InspectionSession, fresh_folder, score_records)
+from anomaly.settings import (BACKBONE_PAIRS, DEFAULT_IMAGE_SIZE, DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH,
+                              NO_DETECTOR, SMALL_DEFECTS_SIZE, WORK_SIDE)
+from anomaly.settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
 
 log = logging.getLogger("app")
 
@@ -51,7 +53,7 @@ BACKBONE_LABELS = {
 PARTS_TURN_LABEL = ("Parts lie at any angle (screws, bolts): learn them at every rotation. "
                     "Leave off for parts that always face the same way.")
 SMALL_DEFECTS_LABEL = (f"Small defects: model at {SMALL_DEFECTS_SIZE} px instead of "
-                       f"{DetectorConfig.image_size} (finer, about 1.5x slower to fit and inspect)")
+                       f"{DEFAULT_IMAGE_SIZE} (finer, about 1.5x slower to fit and inspect)")
 STEADY_REFERENCES = 4          # below this many good images the app calls the threshold rough
 LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test images per batch "
           f"(the last {MAX_RESULTS} unmarked results are kept), {MAX_FILE_BYTES // 2**20} MB and "
@@ -87,16 +89,23 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except WeightsUnavailableError as err:
-            raise gr.Error(f"This feature extractor is not available here: {err}",
-                           title="Weights not available", print_exception=False) from None
         except ValueError as err:               # the session's messages are meant for the user
             raise gr.Error(str(err), print_exception=False) from None
-        except Exception:                       # torch's RuntimeErrors included: logged, not shown
+        except Exception as err:                # torch's RuntimeErrors included: logged, not shown
+            if missing_weights(err):
+                raise gr.Error(f"This feature extractor is not available here: {err}",
+                               title="Weights not available", print_exception=False) from None
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error("Something went wrong on the server. Your detector and results are "
                            "unchanged; please try again.", print_exception=False) from None
     return wrapper
+
+
+def missing_weights(err: Exception) -> bool:
+    """Whether ``err`` is anomaly.backbones.WeightsUnavailableError (only raised once that
+    module is loaded, so this never imports it)."""
+    backbones = sys.modules.get("anomaly.backbones")
+    return backbones is not None and isinstance(err, backbones.WeightsUnavailableError)
 
 
 def warn(messages):
@@ -107,6 +116,8 @@ def warn(messages):
 def session_for(session, request):
     """The visitor's session, created if the tab has none, and registered so that closing the
     tab frees it (see ``end_session``); a "busy" gr.Error when MAX_SESSIONS others are open."""
+    from anomaly.session import InspectionSession
+
     session = session or InspectionSession()
     session.touch()
     if request is not None and request.session_hash:
@@ -189,6 +200,8 @@ def rough_threshold_text(n: int) -> str:
         basis = ("it comes from augmented copies of your one image, not from another good part, "
                  "so it cannot know how much real parts vary")
     else:
+        from anomaly.detector import held_out_count
+
         held = held_out_count(n)
         basis = (f"it comes from {held} of your {n} images, held out of training, so it has seen "
                  f"only {held} other good part{'s' * (held != 1)}")
@@ -403,6 +416,8 @@ def score(session, files, detector_file):
     """The scripting API (``api_name="score"``): image files -> (one JSON record per image, the
     heatmap overlays). With a detector file the call is stateless; without one it uses this
     session's fitted detector at its current threshold and leaves its results alone."""
+    from anomaly.session import fresh_folder, score_records
+
     files = paths(files)
     if not files:
         raise gr.Error("Send one or more image files.", print_exception=False)
@@ -415,8 +430,10 @@ def score(session, files, detector_file):
     return [{**r, "overlay": r["overlay"] and Path(r["overlay"]).name} for r in records], overlays
 
 
-def cached_detector(path: str) -> PFMDetector:
-    """The detector in this file, loaded once per distinct content (the last DETECTORS_KEPT)."""
+def cached_detector(path: str):
+    """The PFMDetector in this file, loaded once per distinct content (the last DETECTORS_KEPT)."""
+    from anomaly.detector import PFMDetector
+
     key = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     with DETECTORS_LOCK:
         if key in DETECTORS:
@@ -699,18 +716,22 @@ def launch(host="127.0.0.1", port=7860, **kwargs):
                        theme=gr.themes.Soft(), css=CSS, footer_links=["api"], **kwargs)
 
 
-def preload_backbones():
-    """Load the default feature extractors and their runtime sessions for the default image size
-    in the background, so that the first fit starts at once."""
+def preload_models():
+    """Import the detection package and load the default backbones with their runtime sessions
+    for the default image size, in the background, so that the first fit need not."""
     def load():
         try:
-            load_pair(DEFAULT_PAIR).warm(DetectorConfig().image_size)
+            importlib.import_module("anomaly.session")     # what the handlers import
+            from anomaly.backbones import load_pair
+
+            load_pair(DEFAULT_PAIR).warm(DEFAULT_IMAGE_SIZE)
         except Exception:  # the first fit will report it to the user
             log.exception("preloading the %s backbones failed", DEFAULT_PAIR)
-    threading.Thread(target=load, name="preload-backbones", daemon=True).start()
+    threading.Thread(target=load, name="preload-models", daemon=True).start()
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preload_backbones()
-    launch(*server_address())
+    launch(*server_address(), prevent_thread_lock=True)     # the page is served from here on ...
+    preload_models()                                        # ... while the models load
+    demo.block_thread()

@@ -36,15 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compute import CPU_TURN
+from .settings import BACKBONE_PAIRS, DEFAULT_PAIR
 
 log = logging.getLogger(__name__)
 
-BACKBONE_PAIRS: dict[str, tuple[str, str]] = {
-    "effnet-lite": ("efficientnet_lite0", "efficientnet_lite1"),
-    "resnet34-resnet50": ("resnet34", "resnet50"),
-    "resnet18-resnet34": ("resnet18", "resnet34"),
-}
-DEFAULT_PAIR = "effnet-lite"
 
 
 class WeightsUnavailableError(RuntimeError):

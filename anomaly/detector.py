@@ -27,11 +27,12 @@ from .memory_bank import distance_maps, embedding_channels, flatten, greedy_core
 from .postprocess import normalize
 from .scoring import SCORES, combine, image_scores, smooth
 from .serialization import load_detector, save_detector
+from .settings import DEFAULT_IMAGE_SIZE
+from .settings import MAX_FIT_REFERENCES as MAX_REFERENCES
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-MAX_REFERENCES = 200
 SCORING_CHUNK = 4          # held-out views scored per turn on the CPU (see compute.CPU_TURN)
 
 
@@ -40,7 +41,7 @@ class DetectorConfig:
     """Everything that defines a detector; saved with its weights. ``RANGES`` bounds every number."""
 
     backbone: str = DEFAULT_PAIR        # key of anomaly.backbones.BACKBONE_PAIRS
-    image_size: int = 320               # images are resized (no crop) to image_size^2
+    image_size: int = DEFAULT_IMAGE_SIZE  # images are resized (no crop) to image_size^2 (320)
     resize: str = "stretch"             # "stretch" to a square, or "pad": keep the aspect ratio
                                         # and mirror-pad (see README: non-square images)
     score: str = "hybrid"               # "hybrid": PFM's mapping error + the memory bank's
@@ -139,7 +140,6 @@ def augment(images: torch.Tensor, n_views: int, cfg: DetectorConfig, generator: 
 
     Random flips, rotations and shifts, reflection-padded so no black corners appear.
     """
-    K = images.shape[0]
     if n_views == 1:
         return images
     reps = images.repeat_interleave(n_views, dim=0)                       # (K*V, 3, S, S)

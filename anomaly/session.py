@@ -38,28 +38,18 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .backbones import DEFAULT_PAIR
-from .detector import MAX_REFERENCES as CORE_MAX_REFERENCES
 from .detector import DetectorConfig, FitReport, PFMDetector
 from .image_io import ImageLike, load_image
 from .postprocess import auroc, best_threshold, binary_mask, normalize
+from .settings import (DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR, PARTS_TURN_ROTATION,  # noqa: F401
+                       SMALL_DEFECTS_SIZE, THUMB_SIDE, WORK_SIDE)
+from .settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
 from .viz import colour_range, framed, heatmap_overlay, mask_image, roc_figure, score_plot
 
 Progress = Callable[[float, str], None]
 
-MAX_REFERENCES = min(64, CORE_MAX_REFERENCES)   # good images per session (uploaded + marked good)
-MAX_TEST_BATCH = 50                             # test images per inspection
-MAX_RESULTS = 50                                # unmarked results kept per session; the oldest go first
-WORK_SIDE = 768                                 # longer side of the images a session keeps
-THUMB_SIDE = 224                                # longer side of gallery thumbnails
 CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
-NO_DETECTOR = ("No detector yet: fit one on good images (step 1) or load a saved detector "
-               "file first.")
 RETIRED_FILES_GRACE_S = 60                      # drawings no longer shown are deleted after this
-
-
-PARTS_TURN_ROTATION = 180.0      # "parts lie at any angle": augment with any rotation
-SMALL_DEFECTS_SIZE = 384         # "small defects": a finer model resolution, slower
 
 
 def detector_config(backbone: str = DEFAULT_PAIR, parts_turn: bool = False,
