@@ -128,3 +128,27 @@ def test_a_failed_export_falls_back_to_pytorch(monkeypatch):
     for a, b in zip(extractor.unnormalised(x), torch_extractor.unnormalised(x)):
         torch.testing.assert_close(a, b)
     assert extractor.runtime == "torch"
+
+
+def test_each_size_is_exported_once_and_kept(monkeypatch):
+    """Warming up, fitting and predicting at one size export each network once; a new size
+    exports again; the least recently used of more than ``max_sizes`` sizes is dropped."""
+    from anomaly import backbones
+    exports = []
+    real = backbones._onnx_session
+
+    def counting(body, n_outputs, height, width):
+        exports.append((height, width))
+        return real(body, n_outputs, height, width)
+    monkeypatch.setattr(backbones, "_onnx_session", counting)
+    body = backbones.load_extractor("efficientnet_lite0", "torch")
+    extractor = backbones.FeatureExtractor("lite0", body.body, body.channels, body.strides,
+                                           backbones.EFFNET_LITE_NORM, "onnxruntime")
+    extractor.warm(64)
+    for batch in (1, 3, 2):
+        extractor.unnormalised(torch.rand(batch, 3, 64, 64))
+    assert exports == [(64, 64)]
+    for size in (96, 128, 160, 192, 64):
+        extractor.unnormalised(torch.rand(1, 3, size, size))
+    assert exports == [(64, 64), (96, 96), (128, 128), (160, 160), (192, 192), (64, 64)]
+    assert extractor.runtime == "onnxruntime"
