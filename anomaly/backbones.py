@@ -39,7 +39,11 @@ from .compute import CPU_TURN
 from .settings import BACKBONE_PAIRS, DEFAULT_PAIR
 
 log = logging.getLogger(__name__)
-
+# The in-memory export uses torch's TorchScript-based exporter on purpose (fast, no extra
+# dependencies); its deprecation notices are not the user's concern. Set once here, since
+# warnings.catch_warnings() is not thread-safe.
+warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -76,19 +80,20 @@ class FeatureExtractor(nn.Module):
         self.eval()
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} unknown; choose one of {RUNTIMES}")
-        self._onnx = OnnxBody(body, len(channels)) if runtime == "onnxruntime" else None
+        self._onnx = OnnxBody(name, body, len(channels)) if runtime == "onnxruntime" else None
         self._runtime = runtime
 
     @property
     def runtime(self) -> str:
-        """Where the network runs: "onnxruntime", or "torch" (also after an export failed)."""
-        return "torch" if self._onnx is None or self._onnx.failed else self._runtime
+        """Where the network runs: "onnxruntime", or "torch" (also once an export failed for
+        some input size, which then runs in PyTorch)."""
+        return "torch" if self._onnx is None or self._onnx.failed_sizes else self._runtime
 
     @torch.inference_mode()
     def unnormalised(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], as the body
         gives them, computed by ``runtime``."""
-        if self.runtime == "onnxruntime":
+        if self._onnx is not None:
             # normalised in NumPy: a multi-threaded torch op here would leave OpenMP's threads
             # spinning on the cores that ONNX Runtime is about to use (1.5-2x slower)
             mean, std = self.mean.numpy(), self.std.numpy()
@@ -99,8 +104,9 @@ class FeatureExtractor(nn.Module):
 
     def warm(self, size: int) -> None:
         """Build what an image of size x size needs (the runtime's session), so that the first
-        real call does not pay for it."""
-        self.unnormalised(torch.zeros(1, 3, size, size))
+        real call does not pay for it; nothing to build in PyTorch."""
+        if self._onnx is not None:
+            self.unnormalised(torch.zeros(1, 3, size, size))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], unit norm."""
@@ -130,20 +136,23 @@ def default_runtime() -> str:
 class OnnxBody:
     """A network body on ONNX Runtime: one session per input size (H, W), each exported in
     memory for one image of that size and built on first use; the ``max_sizes`` most recently
-    used are kept. A failed export or session is logged once and ``run`` returns None from then
-    on, so that the caller runs the network in PyTorch instead."""
+    used are kept. An export or session that fails is logged and its size is left to PyTorch
+    (``run`` returns None for it) from then on."""
 
-    def __init__(self, body: nn.Module, n_outputs: int, max_sizes: int = 4):
+    def __init__(self, name: str, body: nn.Module, n_outputs: int, max_sizes: int = 8):
+        self.name = name
         self.body = body
         self.n_outputs = n_outputs
         self.max_sizes = max_sizes
-        self.failed = False
+        self.failed_sizes: set[tuple[int, int]] = set()
         self._sessions: OrderedDict[tuple[int, int], object] = OrderedDict()
         self._lock = threading.Lock()
 
     def run(self, images: np.ndarray) -> list[np.ndarray] | None:
         """Normalised images (B, 3, H, W) float32 -> [(B, C_l, h_l, w_l)], one image per run;
-        None where ONNX Runtime is not usable."""
+        None for an empty batch or a size ONNX Runtime cannot run."""
+        if images.shape[0] == 0:
+            return None
         session = self._session(images.shape[2], images.shape[3])
         if session is None:
             return None
@@ -153,21 +162,25 @@ class OnnxBody:
         return [np.concatenate(level) for level in zip(*per_image)]
 
     def _session(self, height: int, width: int):
+        key = (height, width)
         with self._lock:
-            if self.failed:
+            if key in self.failed_sizes:
                 return None
-            key = (height, width)
             if key not in self._sessions:
                 try:
                     self._sessions[key] = _onnx_session(self.body, self.n_outputs, height, width)
-                except Exception as err:  # an export or runtime failure must not stop the app
-                    log.warning("ONNX Runtime unavailable (%s); running in PyTorch", err)
-                    self.failed = True
+                except Exception:  # an export or runtime failure must not stop the app
+                    log.warning("%s: ONNX Runtime cannot run %d x %d images; running them in PyTorch",
+                                self.name, height, width, exc_info=True)
+                    self.failed_sizes.add(key)
                     return None
                 if len(self._sessions) > self.max_sizes:
                     self._sessions.popitem(last=False)
             self._sessions.move_to_end(key)
             return self._sessions[key]
+
+
+_EXPORT_LOCK = threading.Lock()
 
 
 def _onnx_session(body: nn.Module, n_outputs: int, height: int, width: int):
@@ -177,8 +190,7 @@ def _onnx_session(body: nn.Module, n_outputs: int, height: int, width: int):
     import onnxruntime as ort
 
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _EXPORT_LOCK:                       # the exporter keeps global state while it traces
         torch.onnx.export(body, (torch.zeros(1, 3, height, width),), buffer, input_names=["images"],
                           output_names=[f"level{i}" for i in range(n_outputs)], opset_version=17, dynamo=False)
     options = ort.SessionOptions()
@@ -329,6 +341,12 @@ class BackbonePair(NamedTuple):
 
     source: FeatureExtractor
     target: FeatureExtractor
+
+    @property
+    def runtime(self) -> str:
+        """"onnxruntime" where both networks run there, else "torch"."""
+        both = {self.source.runtime, self.target.runtime}
+        return both.pop() if len(both) == 1 else "torch"
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor, progress: Callable[[float, str], None] | None = None,
