@@ -721,10 +721,10 @@ def preload_models():
     for the default image size, in the background, so that the first fit need not."""
     def load():
         try:
-            importlib.import_module("anomaly.session")     # what the handlers import
+            session = importlib.import_module("anomaly.session")     # what the handlers import
             from anomaly.backbones import load_pair
 
-            load_pair(DEFAULT_PAIR).warm(DEFAULT_IMAGE_SIZE)
+            load_pair(DEFAULT_PAIR).warm(session.detector_config().image_size)
         except Exception:  # the first fit will report it to the user
             log.exception("preloading the %s backbones failed", DEFAULT_PAIR)
     threading.Thread(target=load, name="preload-models", daemon=True).start()

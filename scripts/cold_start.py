@@ -1,13 +1,14 @@
 """Cold start of the real app: seconds from ``python app.py`` to its page being served, then
-the first and second fit of a visitor who arrives at once (gradio_client, 8 bottle references).
+the first and second fit of a visitor who arrives at once (gradio_client, 8 bottle
+references).
 
     python scripts/cold_start.py                  # 3 starts, medians
     python scripts/cold_start.py --repeats 5 --json cold.json
 
 Each start is a fresh process on a free 127.0.0.1 port; the page counts as served when GET /
-answers 200 (polled every 50 ms). The first fit pays for whatever the app did not load before
-the visitor came (the backbones and their runtime sessions are loaded in the background from
-the start); the second fit, on the same references, is the steady state.
+answers 200 (polled every 50 ms). The first fit pays for whatever the app had not loaded when
+the visitor came (torch, the backbones and their runtime sessions load in the background once
+the server is up); the second fit, on the same references, is the steady state.
 """
 import argparse
 import json
@@ -71,7 +72,10 @@ def one_start(refs: list[Path], timeout: float = 120.0) -> dict:
         return {"page_seconds": page, "first_fit_seconds": fits[0], "second_fit_seconds": fits[1]}
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main(argv=None) -> dict:

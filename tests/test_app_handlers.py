@@ -412,6 +412,11 @@ def torch_crash():
     raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x152 and 40x8)")
 out["torch_error"] = message(torch_crash)
 
+@app.user_errors
+def no_weights():
+    raise backbones.WeightsUnavailableError("resnet18 weights are not cached; put them at /x")
+out["weights_error"] = message(no_weights)
+
 refs, tests = example_sets()["brick_wall"]
 s, gallery, count = app.set_references(None, [str(p) for p in refs[:3]])
 out["count"] = count
@@ -492,6 +497,7 @@ def test_app_handlers_in_a_child_process():
     assert "nope" in out["unknown_example"]
     assert "internal detail" not in out["unexpected"] and "unchanged" in out["unexpected"]
     assert "mat1" not in out["torch_error"] and "unchanged" in out["torch_error"]
+    assert out["weights_error"].startswith("This feature extractor is not available here: resnet18")
     assert out["slider_rounded"]
     assert out["marks_left_alone"] and out["thumbnails_reused"] and out["thumbnails_framed"]
     assert out["gallery_left_alone"]
