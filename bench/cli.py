@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.json}: is a folder; give a file name")
     dirs = args.dirs or _default_categories()
     config = BenchConfig(categories=dirs, shots=args.shots, seeds=args.seeds, methods=args.methods,
-                         runtimes=args.runtimes, image_size=args.image_size or BenchConfig.image_size, limit_test=args.limit_test,
+                         runtimes=args.runtimes, image_size=BenchConfig.image_size if args.image_size is None else args.image_size, limit_test=args.limit_test,
                          timed_images=args.timed_images, memory=args.memory,
                          scaling_refs=args.scaling_refs, scaling_sizes=args.scaling_sizes,
                          scaling_methods=args.scaling_methods)

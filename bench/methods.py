@@ -40,6 +40,7 @@ ANOMALIB_INSTALL = "pip install --no-deps -r requirements-bench.txt"
 
 class Method(Protocol):
     name: str
+    runtime: str            # where its backbones ran: "onnxruntime" or "torch"
 
     def fit(self, images: list[Image.Image]) -> None:
         """Learn from k good RGB images."""
@@ -81,6 +82,10 @@ class PFMMethod:
 
     def __init__(self, image_size: int = 256, seed: int = 0, runtime: str | None = None):
         self.detector = PFMDetector(DetectorConfig(image_size=image_size, seed=seed), runtime=runtime)
+
+    @property
+    def runtime(self) -> str:
+        return self.detector.backbones.runtime
 
     def fit(self, images: list[Image.Image]) -> None:
         self.detector.fit(images)
@@ -152,6 +157,10 @@ class KnnBaseline(_TensorMethod):
         self.max_chunk_elements = max_chunk_elements          # floats per distance block
         self.bank = torch.empty(0)
 
+    @property
+    def runtime(self) -> str:
+        return self.extractor.runtime
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C, h, w) locally aggregated patch features at the finest stride."""
         feats = self.extractor(x)
@@ -219,6 +228,8 @@ def _import_anomalib(what: str):
 
 class _AnomalibMethod(_TensorMethod):
     """anomalib's torch model fed with EfficientNet-Lite's own input normalisation (mean/std 0.5)."""
+
+    runtime = "torch"
 
     def __init__(self, image_size: int, seed: int):
         super().__init__(image_size)

@@ -54,13 +54,12 @@ def spread(items: list, n: int) -> list:
     return [items[int(i * step)] for i in range(n)]
 
 
-def probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 256,
+def probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 320,
           timed: int = 5) -> dict:
     """Fit ``method`` on the protocol's references, predict ``timed`` test images one by one."""
-    from anomaly.backbones import default_runtime
     from anomaly.datasets import discover, reference_paths, test_samples
     from anomaly.image_io import load_image
-    from bench.methods import RUNTIME_METHODS, build_method
+    from bench.methods import build_method
 
     cat = discover(category)
     references = [load_image(p) for p in reference_paths(cat, shots, seed)]
@@ -79,18 +78,20 @@ def probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 25
         model.predict(image)
         times.append((time.perf_counter() - start) * 1000.0)
     peak = _status_mb("VmHWM")
-    return {"method": method, "runtime": default_runtime() if method in RUNTIME_METHODS else "torch",
-            "category": cat.name, "shots": shots, "seed": seed, "image_size": size,
+    return {"method": method, "runtime": model.runtime, "category": cat.name, "shots": shots, "seed": seed, "image_size": size,
             "fit_seconds": fit_seconds, "predict_ms": statistics.median(times),
             "rss_before_fit_mb": rss_before, "peak_rss_mb": peak, "peak_delta_mb": peak - rss_before,
             # False: the peak could not be reset, so it may come from the imports (an upper bound)
             "peak_reset": reset}
 
 
-def run_probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 256,
-              timed: int = 5, timeout: float = 1800.0) -> dict:
-    """``probe`` in a fresh Python process (this interpreter, the repository on its path)."""
+def run_probe(method: str, category: Path, shots: int, seed: int = 0, size: int = 320,
+              timed: int = 5, timeout: float = 1800.0, runtime: str | None = None) -> dict:
+    """``probe`` in a fresh Python process (this interpreter, the repository on its path), with
+    the backbones on ``runtime`` (default: that process's default runtime)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    if runtime is not None:
+        env["ANOMALY_RUNTIME"] = runtime
     cmd = [sys.executable, "-m", "bench.probe", "--method", method, "--category", str(category),
            "--shots", str(shots), "--seed", str(seed), "--size", str(size), "--timed", str(timed)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", type=Path, required=True)
     parser.add_argument("--shots", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--timed", type=int, default=5)
     args = parser.parse_args(argv)
     print(json.dumps(probe(args.method, args.category, args.shots, args.seed, args.size, args.timed)))

@@ -18,8 +18,8 @@ def markdown(results: dict) -> str:
              f"{_load(meta.get('load_average_at_end'))} at the end.",
              methods_table(results["summary"])]
     runtime = meta.get("default_runtime", "torch")
-    if len({s.get("runtime") for s in results["summary"] if s["method"] == "pfm"}) > 1:
-        parts.append(runtime_table(results["summary"], runtime))
+    for other in sorted({s.get("runtime", "torch") for s in results["summary"] if s["method"] == "pfm"} - {"torch"}):
+        parts.append(runtime_table(results["summary"], other))
     if results["summary"]:
         parts.append(targets_table(results["summary"], runtime))
     if results["floor"]:
@@ -44,14 +44,14 @@ def methods_table(summary: Sequence[dict]) -> str:
 
 def runtime_table(summary: Sequence[dict], runtime: str) -> str:
     """PFM on ``runtime`` against PFM in PyTorch eager (the reference), same references and
-    images: the accuracy must agree, only the time may differ."""
+    images: the accuracy must agree, only the time may differ. Rows need both runtimes."""
     header = ["category", "shots", "image AUROC", "pixel AUROC", "AUPRO", "largest difference",
               "fit s", "predict ms"]
     lines = _header(header)
     pfm = {(s["category"], s["shots"], s.get("runtime")): s for s in summary if s["method"] == "pfm"}
     for (category, shots, rt), fast in pfm.items():
         ref = pfm.get((category, shots, "torch"))
-        if rt != runtime or ref is None or rt == "torch":
+        if rt != runtime or ref is None:
             continue
         keys = [k for k in ("image_auroc", "pixel_auroc", "aupro") if fast[k] is not None and ref[k] is not None]
         diff = max((abs(fast[k] - ref[k]) for k in keys), default=None)

@@ -146,8 +146,16 @@ def evaluate(method_name: str, data: CategoryData, references: list, shots: int,
         start = time.perf_counter()
         method.predict(image)
         times.append((time.perf_counter() - start) * 1000.0)
-    row.update(fit_seconds=fit_seconds, predict_ms=statistics.median(times), maps_ms_per_image=maps_ms)
+    row.update(fit_seconds=fit_seconds, predict_ms=statistics.median(times), maps_ms_per_image=maps_ms,
+               runtime=_ran_on(method.runtime, runtime, method_name))
     return row
+
+
+def _ran_on(actual: str, requested: str, what: str) -> str:
+    """The runtime that really ran (a failed export falls back to PyTorch), warned about."""
+    if actual != requested:
+        log.warning("%s: asked for %s, ran in %s (see the log above)", what, requested, actual)
+    return actual
 
 
 def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeats: int,
@@ -183,6 +191,7 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
     out = {"runtime": runtime, "views": int(views.shape[0]), "fit_floor_seconds": statistics.median(fit_floor),
            "pfm_fit_seconds": statistics.median(fit), "predict_floor_ms": statistics.median(floor) * 1e3,
            "pfm_predict_ms": statistics.median(predict) * 1e3, "resize_ms": statistics.median(resize) * 1e3}
+    out["runtime"] = _ran_on(detector.backbones.runtime, runtime, "speed floor")
     out["fit_ratio"] = out["pfm_fit_seconds"] / out["fit_floor_seconds"]
     out["predict_ratio"] = out["pfm_predict_ms"] / out["predict_floor_ms"]
     return out
@@ -190,7 +199,7 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
 
 def summarise(rows: Sequence[dict], memory: Sequence[dict] = ()) -> list[dict]:
     """Rows -> one row per (method, runtime, category, shots): means over seeds, plus the memory
-    probe (which runs on the default runtime)."""
+    probe (which runs on the first of the benchmark's runtimes)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["method"], row.get("runtime", "torch"), row["category"], row["shots"]),
@@ -285,7 +294,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
         for category in categories:
             for shots in config.shots:
                 for name in config.methods:
-                    probe = run_probe(name, category.root, shots, 0, size, config.scaling_timed)
+                    probe = run_probe(name, category.root, shots, 0, size, config.scaling_timed,
+                                      runtime=config.runtimes[0])
                     results["memory"].append(probe)
                     progress(f"memory {category.name} shots={shots} {name}: peak +{probe['peak_delta_mb']:.0f} MiB "
                              f"(RSS {probe['peak_rss_mb']:.0f} MiB)")
@@ -294,7 +304,8 @@ def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None
     points += [("input size", s, config.scaling_shots, s) for s in config.scaling_sizes]
     for axis, value, shots, side in points:
         for name in config.scaling_methods:
-            probe = run_probe(name, categories[0].root, shots, 0, side, config.scaling_timed)
+            probe = run_probe(name, categories[0].root, shots, 0, side, config.scaling_timed,
+                              runtime=config.runtimes[0])
             results["scaling"].append({"axis": axis, "value": value, **probe})
             progress(f"scaling {axis}={value} {name}: fit {probe['fit_seconds']:.1f} s, predict "
                      f"{probe['predict_ms']:.0f} ms, peak +{probe['peak_delta_mb']:.0f} MiB")

@@ -23,8 +23,10 @@ def _row(method, seed, auroc, category="bottle", shots=8):
             "fit_seconds": 1.0, "predict_ms": 50.0, "maps_ms_per_image": 40.0}
 
 
-def test_cli_lists_every_method():
+def test_cli_lists_every_method_and_runtime():
+    from anomaly.backbones import RUNTIMES
     assert bench_cli.ALL_METHODS == METHODS          # bench.cli stays import-light on purpose
+    assert bench_cli.RUNTIMES == RUNTIMES
 
 
 def test_bench_is_registered_in_the_app_cli():
@@ -80,9 +82,8 @@ def test_tiny_benchmark_writes_well_formed_json_markdown_and_plot(data_dir, tmp_
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
         assert row["fit_seconds"] > 0 and row["predict_ms"] > 0
     assert len(results["summary"]) == 4
-    pfm = {r["runtime"]: r for r in results["runs"] if r["method"] == "pfm"}   # same maps, same ranking
-    assert pfm["onnxruntime"]["image_auroc"] == pfm["torch"]["image_auroc"]
-    assert abs(pfm["onnxruntime"]["pixel_auroc"] - pfm["torch"]["pixel_auroc"]) < 1e-3
+    pfm = {r["runtime"]: r for r in results["runs"] if r["method"] == "pfm"}   # the README's tolerance
+    assert abs(pfm["onnxruntime"]["pixel_auroc"] - pfm["torch"]["pixel_auroc"]) <= 0.005
     assert [m["method"] for m in results["memory"]] == ["pfm", "knn"]
     assert all(m["peak_rss_mb"] >= m["rss_before_fit_mb"] > 0 for m in results["memory"])
     assert [f["runtime"] for f in results["floor"]] == ["onnxruntime", "torch"]
