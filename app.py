@@ -207,7 +207,7 @@ def rough_threshold_text(n: int) -> str:
                  f"only {held} other good part{'s' * (held != 1)}")
     return (f"⚠️ **Rough threshold.** With {n} good image{'s' * (n != 1)} {basis}. Measured on three "
             f"public test sets (bottle, magnetic tile, screw) with 2 good images, it flagged 0–15 % "
-            f"of good parts as DEFECT and missed 10–100 % of defects. Add good images "
+            f"of good parts as DEFECT and missed 11–100 % of defects. Add good images "
             f"({STEADY_REFERENCES}–8 or more) for a steadier threshold, or move the slider and mark "
             f"results as good or defective to see where it should be.")
 

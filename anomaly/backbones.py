@@ -14,7 +14,7 @@ networks run on ONNX Runtime where it is installed, else in PyTorch eager; ``$AN
 (``onnxruntime`` or ``torch``) chooses, and PyTorch stays the reference. For ONNX Runtime each
 network is exported in memory from the same PyTorch module once per input size (about 0.3 s),
 with every shape fixed: one image of that size. Fixed shapes let ONNX Runtime fold
-EfficientNet's "same" padding into constants and pre-pack the convolutions, 25-30 % faster
+EfficientNet's "same" padding into constants and pre-pack the convolutions, 23-30 % faster
 than one graph for any size, and one image per run costs no more per image than a batch.
 """
 from __future__ import annotations
