@@ -29,6 +29,7 @@ VARIANTS = {
     "rotation-180": {"rotation": 180.0},
     "no-augmentation": {"views": 1},
     "bank-1024": {"bank_size": 1024},
+    "bank-2048": {"bank_size": 2048},
     "bank-16384": {"bank_size": 16384},
     "sigma-8": {"sigma": 8.0},
     "steps-200-batch-256": {"steps": 200, "batch": 256},
