@@ -81,13 +81,12 @@ class FeatureExtractor(nn.Module):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} unknown; choose one of {RUNTIMES}")
         self._onnx = OnnxBody(name, body, len(channels)) if runtime == "onnxruntime" else None
-        self._runtime = runtime
 
     @property
     def runtime(self) -> str:
         """Where the network runs: "onnxruntime", or "torch" (also once an export failed for
         some input size, which then runs in PyTorch)."""
-        return "torch" if self._onnx is None or self._onnx.failed_sizes else self._runtime
+        return "torch" if self._onnx is None or self._onnx.failed_sizes else "onnxruntime"
 
     @torch.inference_mode()
     def unnormalised(self, images: torch.Tensor) -> list[torch.Tensor]:

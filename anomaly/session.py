@@ -41,7 +41,7 @@ from PIL import Image
 from .detector import DetectorConfig, FitReport, PFMDetector
 from .image_io import ImageLike, load_image
 from .postprocess import auroc, best_threshold, binary_mask, normalize
-from .settings import (DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR, PARTS_TURN_ROTATION,  # noqa: F401
+from .settings import (DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR, PARTS_TURN_ROTATION,
                        SMALL_DEFECTS_SIZE, THUMB_SIDE, WORK_SIDE)
 from .settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
 from .viz import colour_range, framed, heatmap_overlay, mask_image, roc_figure, score_plot
