@@ -717,14 +717,14 @@ def launch(host="127.0.0.1", port=7860, **kwargs):
 
 
 def preload_models():
-    """Import the detection package and load the default backbones with their runtime sessions
-    for the default image size, in the background, so that the first fit need not."""
+    """Import the detection package, load the default backbones and compile what the app's
+    default detector runs, in the background, so that the first fit need not."""
     def load():
         try:
             session = importlib.import_module("anomaly.session")     # what the handlers import
-            from anomaly.backbones import load_pair
+            from anomaly.detector import PFMDetector
 
-            load_pair(DEFAULT_PAIR).warm(session.detector_config().image_size)
+            PFMDetector(session.detector_config()).warm()
         except Exception:  # the first fit will report it to the user
             log.exception("preloading the %s backbones failed", DEFAULT_PAIR)
     threading.Thread(target=load, name="preload-models", daemon=True).start()

@@ -10,22 +10,17 @@ Two backbone pairs are offered:
 
 Every backbone returns features at strides 4, 8 and 16, as the network gives them
 (``unnormalised``) or L2-normalised over channels (calling it, as PFM wants them). The
-networks run on ONNX Runtime where it is installed, else in PyTorch eager; ``$ANOMALY_RUNTIME``
-(``onnxruntime`` or ``torch``) chooses, and PyTorch stays the reference. For ONNX Runtime each
-network is exported in memory from the same PyTorch module once per input size (about 0.3 s),
-with every shape fixed: one image of that size. Fixed shapes let ONNX Runtime fold
-EfficientNet's "same" padding into constants and pre-pack the convolutions, 23-30 % faster
-than one graph for any size, and one image per run costs no more per image than a batch.
+networks run on OpenVINO where it is installed, else in PyTorch eager (``anomaly.runtime``), and
+PyTorch stays the reference. For OpenVINO each network is exported in memory from the same
+PyTorch module once per input size (about 0.5 s), for one image of that size: fixed shapes let
+it fold EfficientNet's "same" padding into constants and pre-pack the convolutions, and one
+image per run costs no more per image than a batch.
 """
 from __future__ import annotations
 
 import functools
-import io
 import logging
-import os
 import threading
-import warnings
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -36,14 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compute import CPU_TURN
+from .runtime import RUNTIMES, CompiledModule, default_runtime
 from .settings import BACKBONE_PAIRS, DEFAULT_PAIR
 
 log = logging.getLogger(__name__)
-# The in-memory export uses torch's TorchScript-based exporter on purpose (fast, no extra
-# dependencies); its deprecation notices are not the user's concern. Set once here, since
-# warnings.catch_warnings() is not thread-safe.
-warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export")
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -80,123 +71,30 @@ class FeatureExtractor(nn.Module):
         self.eval()
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} unknown; choose one of {RUNTIMES}")
-        self._onnx = OnnxBody(name, body, len(channels)) if runtime == "onnxruntime" else None
+        self._compiled = CompiledModule(name, body) if runtime == "openvino" else None
 
     @property
     def runtime(self) -> str:
-        """Where the network runs: "onnxruntime", or "torch" (also once an export failed for
+        """Where the network runs: "openvino", or "torch" (also once an export failed for
         some input size, which then runs in PyTorch)."""
-        return "torch" if self._onnx is None or self._onnx.failed_sizes else "onnxruntime"
+        return "torch" if self._compiled is None or self._compiled.failed_shapes else "openvino"
 
     @torch.inference_mode()
     def unnormalised(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], as the body
         gives them, computed by ``runtime``."""
-        if self._onnx is not None:
+        if self._compiled is not None and images.shape[0]:
             # normalised in NumPy: a multi-threaded torch op here would leave OpenMP's threads
-            # spinning on the cores that ONNX Runtime is about to use (1.5-2x slower)
-            mean, std = self.mean.numpy(), self.std.numpy()
-            outputs = self._onnx.run(np.ascontiguousarray((images.numpy() - mean) / std))
-            if outputs is not None:
-                return [torch.from_numpy(f) for f in outputs]
+            # spinning on the cores that OpenVINO is about to use (1.5-2x slower)
+            normalised = (images.numpy() - self.mean.numpy()) / self.std.numpy()
+            per_image = [self._compiled.run([np.ascontiguousarray(x[None])]) for x in normalised]
+            if per_image[0] is not None:
+                return [torch.from_numpy(np.concatenate(level)) for level in zip(*per_image)]
         return self.body((images - self.mean) / self.std)
-
-    def warm(self, size: int) -> None:
-        """Build what an image of size x size needs (the runtime's session), so that the first
-        real call does not pay for it; nothing to build in PyTorch."""
-        if self._onnx is not None:
-            self.unnormalised(torch.zeros(1, 3, size, size))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], unit norm."""
         return [F.normalize(f, dim=1) for f in self.unnormalised(images)]
-
-
-# --------------------------------------------------------------------------- runtimes
-
-RUNTIMES = ("onnxruntime", "torch")
-RUNTIME_ENV = "ANOMALY_RUNTIME"
-
-
-def default_runtime() -> str:
-    """$ANOMALY_RUNTIME if set, else ONNX Runtime where it is installed, else PyTorch eager."""
-    wanted = os.environ.get(RUNTIME_ENV)
-    if wanted:
-        if wanted not in RUNTIMES:
-            raise ValueError(f"${RUNTIME_ENV}={wanted!r}; choose one of {RUNTIMES}")
-        return wanted
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "onnxruntime"
-
-
-class OnnxBody:
-    """A network body on ONNX Runtime: one session per input size (H, W), each exported in
-    memory for one image of that size and built on first use; the ``max_sizes`` most recently
-    used are kept. An export or session that fails is logged and its size is left to PyTorch
-    (``run`` returns None for it) from then on."""
-
-    def __init__(self, name: str, body: nn.Module, n_outputs: int, max_sizes: int = 8):
-        self.name = name
-        self.body = body
-        self.n_outputs = n_outputs
-        self.max_sizes = max_sizes
-        self.failed_sizes: set[tuple[int, int]] = set()
-        self._sessions: OrderedDict[tuple[int, int], object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def run(self, images: np.ndarray) -> list[np.ndarray] | None:
-        """Normalised images (B, 3, H, W) float32 -> [(B, C_l, h_l, w_l)], one image per run;
-        None for an empty batch or a size ONNX Runtime cannot run."""
-        if images.shape[0] == 0:
-            return None
-        session = self._session(images.shape[2], images.shape[3])
-        if session is None:
-            return None
-        per_image = [session.run(None, {"images": images[i:i + 1]}) for i in range(images.shape[0])]
-        if len(per_image) == 1:
-            return per_image[0]
-        return [np.concatenate(level) for level in zip(*per_image)]
-
-    def _session(self, height: int, width: int):
-        key = (height, width)
-        with self._lock:
-            if key in self.failed_sizes:
-                return None
-            if key not in self._sessions:
-                try:
-                    self._sessions[key] = _onnx_session(self.body, self.n_outputs, height, width)
-                except Exception:  # an export or runtime failure must not stop the app
-                    log.warning("%s: ONNX Runtime cannot run %d x %d images; running them in PyTorch",
-                                self.name, height, width, exc_info=True)
-                    self.failed_sizes.add(key)
-                    return None
-                if len(self._sessions) > self.max_sizes:
-                    self._sessions.popitem(last=False)
-            self._sessions.move_to_end(key)
-            return self._sessions[key]
-
-
-_EXPORT_LOCK = threading.Lock()
-
-
-def _onnx_session(body: nn.Module, n_outputs: int, height: int, width: int):
-    """An ONNX Runtime session running ``body`` on one (1, 3, height, width) image, on as many
-    threads as torch uses; threads sleep between calls instead of spinning, so that concurrent
-    requests do not starve each other."""
-    import onnxruntime as ort
-
-    buffer = io.BytesIO()
-    with _EXPORT_LOCK:                       # the exporter keeps global state while it traces
-        torch.onnx.export(body, (torch.zeros(1, 3, height, width),), buffer, input_names=["images"],
-                          output_names=[f"level{i}" for i in range(n_outputs)], opset_version=17, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite
@@ -343,7 +241,7 @@ class BackbonePair(NamedTuple):
 
     @property
     def runtime(self) -> str:
-        """"onnxruntime" where both networks run there, else "torch"."""
+        """"openvino" where both networks run there, else "torch"."""
         both = {self.source.runtime, self.target.runtime}
         return both.pop() if len(both) == 1 else "torch"
 
@@ -362,12 +260,6 @@ class BackbonePair(NamedTuple):
                 progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
         cat = lambda parts: [torch.cat([p[level] for p in parts]) for level in range(len(parts[0]))]
         return cat(parts_s), cat(parts_t)
-
-    def warm(self, size: int) -> None:
-        """Get both networks ready for size x size images (see ``FeatureExtractor.warm``)."""
-        with CPU_TURN:
-            self.source.warm(size)
-            self.target.warm(size)
 
 
 def load_pair(pair: str, runtime: str | None = None) -> BackbonePair:

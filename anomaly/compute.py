@@ -1,6 +1,6 @@
 """Taking turns on the CPU: heavy tensor work runs one piece at a time, in arrival order.
 
-PyTorch and ONNX Runtime each spread one operation over every core. The app serves many
+PyTorch and OpenVINO each spread one operation over every core. The app serves many
 visitors from threads of one process, and two threads computing at once oversubscribe the
 cores (on 2 cores, a fit beside three other torch jobs took 109 s instead of 9 s). So every piece of heavy
 work (a batch through the backbones, a training step, a batch of anomaly maps, a block of the

@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
+from .heads import compiled_heads, mapping_parameters
 from .calibration import calibrated_threshold
 from .compute import CPU_TURN
 from .image_io import ImageLike, load_image
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
 from .postprocess import normalize
+from .runtime import default_runtime
 from .scoring import SCORES, combine, image_scores, smooth
 from .serialization import load_detector, save_detector
 from .settings import DEFAULT_IMAGE_SIZE
@@ -132,7 +134,10 @@ def to_tensor(images: Sequence[Image.Image], size: int, resize: str = "stretch"
         else:
             arrays.append(np.asarray(im.resize((size, size), Image.BILINEAR)))
             content.append((size, size))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0), content
+    # in NumPy: a multi-threaded torch op here would leave OpenMP's threads spinning on the
+    # cores that a compiled runtime is about to use (see FeatureExtractor.unnormalised)
+    pixels = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return torch.from_numpy(pixels), content
 
 
 def augment(images: torch.Tensor, n_views: int, cfg: DetectorConfig, generator: torch.Generator) -> torch.Tensor:
@@ -171,11 +176,15 @@ class PFMDetector:
     config_class = DetectorConfig
 
     def __init__(self, config: DetectorConfig | None = None, runtime: str | None = None):
-        """``runtime``: where the backbones run, "onnxruntime" or "torch" (default: see
-        ``anomaly.backbones.default_runtime``); it changes speed, not results (to ~1e-4)."""
+        """``runtime``: where the backbones and the scoring heads run, "openvino" or "torch"
+        (default: ``anomaly.runtime.default_runtime()``); it changes speed, and the maps only
+        within the runtime's precision (see ``anomaly.runtime``)."""
         self.config = config or DetectorConfig()
+        runtime = runtime or default_runtime()
         self.backbones = load_pair(self.config.backbone, runtime)
         self.mappings = self._new_mappings()
+        self._heads = (compiled_heads(self.mappings, self.config.sigma, self.config.image_size)
+                       if runtime == "openvino" else None)
         self.bank = torch.empty(0, self.embedding_channels)
         self.scales = torch.ones(2)
         self.calibration_scores = torch.empty(0)
@@ -186,6 +195,13 @@ class PFMDetector:
         source, target = self.backbones.source.channels, self.backbones.target.channels
         latents = [max(cfg.min_latent, round(cfg.latent_ratio * max(cs, ct))) for cs, ct in zip(source, target)]
         return PFMMappings(source, target, latents, cfg.position_encoding)
+
+    @property
+    def runtime(self) -> str:
+        """Where it computes: "openvino" where the backbones and the heads both run there,
+        else "torch" (also once an export failed, for the sizes that then run in PyTorch)."""
+        heads = "torch" if self._heads is None or self._heads.failed_shapes else "openvino"
+        return heads if self.backbones.runtime == heads else "torch"
 
     @property
     def embedding_channels(self) -> int:
@@ -246,17 +262,38 @@ class PFMDetector:
                     target: list[torch.Tensor]) -> list[torch.Tensor]:
         """Raw features per level [(B, C_l, h_l, w_l)] -> [PFM error, bank distance], each
         (B, h_0, w_0) unsmoothed at the finest level's resolution; a map of weight 0 is zeros."""
+        weights = SCORES[self.config.score]
         with CPU_TURN:
-            weights = SCORES[self.config.score]
-            fine = source[0].shape[2:]
-            B = source[0].shape[0]
-            pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else torch.zeros(B, *fine)
-            if weights[1]:
-                knn = distance_maps(patch_embedding(source), bank)                         # (B, 1, h_1, w_1)
-                knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
+            compiled = self._compiled_maps(mappings, bank, source, target, torch.ones(2))
+            if compiled is not None:
+                pfm, knn = compiled[0], compiled[1]
             else:
-                knn = torch.zeros(B, *fine)
-            return [pfm, knn]
+                fine = source[0].shape[2:]
+                pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else None
+                knn = None
+                if weights[1]:
+                    knn = distance_maps(patch_embedding(source), bank)                     # (B, 1, h_1, w_1)
+                    knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
+            return [m if w and m is not None else torch.zeros_like(source[0][:, 0]) for m, w in zip((pfm, knn), weights)]
+
+    def _compiled_maps(self, mappings: PFMMappings, bank: torch.Tensor, source: list[torch.Tensor],
+                       target: list[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor] | None:
+        """The scoring heads on the compiled runtime, image by image -> [PFM error (B, h_0, w_0),
+        bank distance (B, h_0, w_0), smoothed map (B, S, S)]; None where they run in PyTorch."""
+        if self._heads is None:
+            return None
+        if not len(bank):                      # a score without the bank: any vector will do
+            bank = torch.zeros(1, self.embedding_channels)
+        shared = mapping_parameters(mappings) + [bank.numpy(), scales.numpy().astype(np.float32),
+                                                  np.array(SCORES[self.config.score], np.float32)]
+        per_image = []
+        for i in range(source[0].shape[0]):
+            features = [np.ascontiguousarray(f[i:i + 1].numpy()) for f in (*source, *target)]
+            outputs = self._heads.run(features + shared)
+            if outputs is None:
+                return None
+            per_image.append(outputs)
+        return [torch.from_numpy(np.concatenate(maps)) for maps in zip(*per_image)]
 
     def _smoothed(self, components: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
         """``_components`` -> (B, S, S) final anomaly maps."""
@@ -264,6 +301,18 @@ class PFMDetector:
         return smooth(combined, self.config.sigma, self.config.image_size)
 
     # ------------------------------------------------------------------ public API
+
+    @torch.inference_mode()
+    def warm(self) -> None:
+        """Build what a fit and predictions at this config need on the compiled runtime (both
+        backbones' and the heads' graphs, shared by every detector alike), so that the first
+        fit does not wait for it; nothing to build in PyTorch."""
+        S = self.config.image_size
+        with CPU_TURN:
+            features = self.backbones.features(torch.zeros(1, 3, S, S))
+            self._compiled_maps(self._new_mappings(), torch.zeros(1, self.embedding_channels), *features,
+                                torch.ones(2))
+
 
     def fit(self, images: Sequence[ImageLike], progress: Progress | None = None) -> FitReport:
         """Learn from k good images (1 <= k <= MAX_REFERENCES) and calibrate the threshold.
@@ -368,12 +417,15 @@ class PFMDetector:
         S = self.config.image_size
         x, content = to_tensor(pil, S, self.config.resize)
         with CPU_TURN:
-            maps = self._smoothed(self._components(self.mappings, self.bank, *self.backbones.features(x)),
-                                  self.scales)
+            features = self.backbones.features(x)
+            compiled = self._compiled_maps(self.mappings, self.bank, *features, self.scales)
+            maps = compiled[2] if compiled is not None else \
+                self._smoothed(self._components(self.mappings, self.bank, *features), self.scales)
         if self.config.resize == "pad":   # crop the mirrored margin, stretch the content to S x S
             maps = torch.cat([F.interpolate(m[None, None, :h, :w], size=(S, S), mode="bilinear",
                                             align_corners=False)[0] for m, (h, w) in zip(maps, content)])
-        return maps.numpy().astype(np.float32), image_scores(maps).numpy()
+        maps = maps.numpy().astype(np.float32)
+        return maps, maps.reshape(len(maps), -1).max(1)                 # image_scores, in NumPy
 
     def predict(self, images: ImageLike | Sequence[ImageLike], resolution: str = "input"):
         """One image -> Prediction; a list -> list of Predictions.

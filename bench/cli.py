@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_METHODS = ("pfm", "knn", "patchcore", "padim")
-RUNTIMES = ("onnxruntime", "torch")             # anomaly.backbones.RUNTIMES, without importing torch
+RUNTIMES = ("openvino", "torch")                # anomaly.runtime.RUNTIMES, without importing torch
 
 
 def default_data_dir() -> Path:

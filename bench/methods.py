@@ -9,8 +9,8 @@
   a 10 % coreset and 9-neighbour reweighting, PaDiM with 100 random channels of strides 4/8/16).
 
 Every method sees the same RGB PIL images, resized by ``anomaly.detector.to_tensor`` to S x S.
-``pfm`` and ``knn`` run their backbones on a chosen runtime (``anomaly.backbones.RUNTIMES``:
-ONNX Runtime or PyTorch eager); anomalib's models run in PyTorch eager.
+``pfm`` and ``knn`` run their backbones (PFM its scoring heads too) on a chosen runtime
+(``anomaly.runtime.RUNTIMES``: OpenVINO or PyTorch eager); anomalib's models run in PyTorch eager.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ ANOMALIB_INSTALL = "pip install --no-deps -r requirements-bench.txt"
 
 class Method(Protocol):
     name: str
-    runtime: str            # where its backbones ran: "onnxruntime" or "torch"
+    runtime: str            # where its networks ran: "openvino" or "torch"
 
     def fit(self, images: list[Image.Image]) -> None:
         """Learn from k good RGB images."""
@@ -54,7 +54,7 @@ class Method(Protocol):
 
 def build_method(name: str, image_size: int = 256, seed: int = 0, runtime: str | None = None) -> Method:
     """A fresh, unfitted method ``name`` (one of METHODS); ``runtime`` for RUNTIME_METHODS
-    (default: ``anomaly.backbones.default_runtime()``), ignored by anomalib's."""
+    (default: ``anomaly.runtime.default_runtime()``), ignored by anomalib's."""
     if name == "pfm":
         return PFMMethod(image_size, seed, runtime)
     if name == "knn":
@@ -85,7 +85,7 @@ class PFMMethod:
 
     @property
     def runtime(self) -> str:
-        return self.detector.backbones.runtime
+        return self.detector.runtime
 
     def fit(self, images: list[Image.Image]) -> None:
         self.detector.fit(images)

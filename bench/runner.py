@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from anomaly import metrics
-from anomaly.backbones import RUNTIMES, default_runtime, load_pair
+from anomaly.backbones import load_pair
+from anomaly.runtime import RUNTIMES, default_runtime
 from anomaly.datasets import Category, discover, load_mask, reference_paths, test_samples
 from anomaly.detector import DetectorConfig, PFMDetector, to_tensor
 from anomaly.image_io import load_image
@@ -191,7 +192,7 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
     out = {"runtime": runtime, "views": int(views.shape[0]), "fit_floor_seconds": statistics.median(fit_floor),
            "pfm_fit_seconds": statistics.median(fit), "predict_floor_ms": statistics.median(floor) * 1e3,
            "pfm_predict_ms": statistics.median(predict) * 1e3, "resize_ms": statistics.median(resize) * 1e3}
-    out["runtime"] = _ran_on(detector.backbones.runtime, runtime, "speed floor")
+    out["runtime"] = _ran_on(detector.runtime, runtime, "speed floor")
     out["fit_ratio"] = out["pfm_fit_seconds"] / out["fit_floor_seconds"]
     out["predict_ratio"] = out["pfm_predict_ms"] / out["predict_floor_ms"]
     return out

@@ -24,7 +24,7 @@ def _row(method, seed, auroc, category="bottle", shots=8):
 
 
 def test_cli_lists_every_method_and_runtime():
-    from anomaly.backbones import RUNTIMES
+    from anomaly.runtime import RUNTIMES
     assert bench_cli.ALL_METHODS == METHODS          # bench.cli stays import-light on purpose
     assert bench_cli.RUNTIMES == RUNTIMES
 
@@ -77,23 +77,23 @@ def test_tiny_benchmark_writes_well_formed_json_markdown_and_plot(data_dir, tmp_
     assert set(results) >= {"meta", "runs", "summary", "memory", "floor", "scaling"}
     assert results["meta"]["machine"]["nproc"] >= 1
     assert [(r["method"], r["runtime"], r["n_test"]) for r in results["runs"]] == [
-        ("pfm", "onnxruntime", 4), ("pfm", "torch", 4), ("knn", "onnxruntime", 4), ("knn", "torch", 4)]
+        ("pfm", "openvino", 4), ("pfm", "torch", 4), ("knn", "openvino", 4), ("knn", "torch", 4)]
     for row in results["runs"]:
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
         assert row["fit_seconds"] > 0 and row["predict_ms"] > 0
     assert len(results["summary"]) == 4
     pfm = {r["runtime"]: r for r in results["runs"] if r["method"] == "pfm"}   # the README's tolerance
-    assert abs(pfm["onnxruntime"]["pixel_auroc"] - pfm["torch"]["pixel_auroc"]) <= 0.005
+    assert abs(pfm["openvino"]["pixel_auroc"] - pfm["torch"]["pixel_auroc"]) <= 0.005
     assert [m["method"] for m in results["memory"]] == ["pfm", "knn"]
     assert all(m["peak_rss_mb"] >= m["rss_before_fit_mb"] > 0 for m in results["memory"])
-    assert [f["runtime"] for f in results["floor"]] == ["onnxruntime", "torch"]
+    assert [f["runtime"] for f in results["floor"]] == ["openvino", "torch"]
     for floor in results["floor"]:
         assert floor["fit_ratio"] > 0 and floor["predict_ratio"] > 0 and floor["views"] >= 1
     assert [(p["axis"], p["value"], p["method"]) for p in results["scaling"]] == [("references", 1, "knn")]
     report = (tmp_path / "bench.md").read_text()
     assert report == markdown(results)
-    assert "| bottle | 1 | PFM (app) | onnxruntime |" in report and "| bottle | 1 | PFM (app) | torch |" in report
-    assert "PFM on onnxruntime / in PyTorch eager" in report and "fit ratio" in report
+    assert "| bottle | 1 | PFM (app) | openvino |" in report and "| bottle | 1 | PFM (app) | torch |" in report
+    assert "PFM on openvino / in PyTorch eager" in report and "fit ratio" in report
     assert (tmp_path / "bench_scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert "| bottle | 1 | kNN bank (bench) |" in capsys.readouterr().out
 

@@ -1,0 +1,120 @@
+"""The detector's scoring heads as one graph for a compiled runtime (``anomaly.runtime``): from one
+image's raw features to PFM's mapping error, the memory bank's distance and the final map.
+
+The graph computes what ``PFMMappings.error_maps``, ``memory_bank.distance_maps`` and
+``scoring`` compute in PyTorch eager (the reference, which the tests compare it with). The
+mapping nets' weights, the bank, the maps' scales and the score's weights are inputs, not
+constants, so one compiled graph serves every detector of the same architecture and image size,
+and a fit's held-out scoring (part-trained nets, a bank without the held-out reference) runs the
+same graph as the predictions it calibrates.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mapping import PFMMappings, position_encoding
+from .memory_bank import patch_embedding
+from .runtime import CompiledModule
+from .scoring import gaussian_blur
+
+BRANCHES = (("encode_source", "shared", "decode_target"), ("encode_target", "shared", "decode_source"))
+
+
+def _plan(module: nn.Module, prefix: str, index: dict[str, int]) -> list[tuple]:
+    """The layers of ``module`` in order: ("linear", weight index, bias index or None) or ("relu",)."""
+    plan = []
+    for name, layer in module.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        if isinstance(layer, nn.Linear):
+            plan.append(("linear", index[f"{full}.weight"], index.get(f"{full}.bias")))
+        elif isinstance(layer, nn.ReLU):
+            plan.append(("relu",))
+    return plan
+
+
+def mapping_parameters(mappings: PFMMappings) -> list[np.ndarray]:
+    """The folded nets' parameters in the order ``ScoringHeads`` takes them, float32 arrays."""
+    return [p.detach().numpy() for net in mappings.folded() for p in net.parameters()]
+
+
+class ScoringHeads(nn.Module):
+    """forward(3 source features (1, C_l, h_l, w_l), 3 target features, the folded nets'
+    parameters (``mapping_parameters``), bank (M, D), scales (2,), weights (2,)) ->
+    (PFM error (1, h_0, w_0), bank distance (1, h_0, w_0), smoothed map (1, size, size)).
+
+    Built from the structure of ``mappings`` (its weights are not used), for maps smoothed with
+    ``sigma`` (pixels at 256 px) and upsampled to ``size``."""
+
+    def __init__(self, mappings: PFMMappings, sigma: float, size: int):
+        super().__init__()
+        self.sigma, self.size = sigma, size
+        self.use_position_encoding = mappings.use_position_encoding
+        self.plans, offset = [], 0
+        for net in mappings.folded():
+            index = {name: offset + i for i, (name, _) in enumerate(net.named_parameters())}
+            offset += len(index)
+            self.plans.append([[step for part in branch for step in _plan(getattr(net, part), part, index)]
+                               for branch in BRANCHES])
+        self.n_parameters = offset
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        source, target = list(inputs[0:3]), list(inputs[3:6])
+        params = inputs[6:6 + self.n_parameters]
+        bank, scales, weights = inputs[6 + self.n_parameters:]
+        fine = source[0].shape[2:]
+        pfm = 0.0
+        for plans, fs, ft in zip(self.plans, source, target):
+            _, _, h, w = fs.shape
+            s = F.normalize(fs, dim=1).permute(0, 2, 3, 1).reshape(h * w, -1)       # (h*w, C_S)
+            t = F.normalize(ft, dim=1).permute(0, 2, 3, 1).reshape(h * w, -1)       # (h*w, C_T)
+            s_in, t_in = s, t
+            if self.use_position_encoding:
+                s_in = s + position_encoding(s.shape[1], h, w).reshape(h * w, -1)
+                t_in = t + position_encoding(t.shape[1], h, w).reshape(h * w, -1)
+            to_target, to_source = (self._run(plan, x, params) for plan, x in zip(plans, (s_in, t_in)))
+            err = 0.5 * ((to_target - t).pow(2).sum(-1) + (to_source - s).pow(2).sum(-1))
+            err = err.reshape(1, 1, h, w)
+            pfm = pfm + (err if (h, w) == fine else F.interpolate(err, size=fine, mode="bilinear", align_corners=False))
+        pfm = pfm[:, 0] / len(self.plans)                                                   # (1, h_0, w_0)
+        patches = patch_embedding(source)                                                   # (1, D, h_1, w_1)
+        h1, w1 = patches.shape[2:]
+        queries = patches.permute(0, 2, 3, 1).reshape(h1 * w1, -1)                          # (Q, D)
+        d2 = (bank.pow(2).sum(1)[None] - 2.0 * queries @ bank.T).amin(1) + queries.pow(2).sum(1)
+        knn = d2.clamp_min(0.0).sqrt().reshape(1, 1, h1, w1)
+        knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]    # (1, h_0, w_0)
+        combined = (weights[0] * pfm / scales[0] + weights[1] * knn / scales[1]) / weights.sum()
+        smoothed = gaussian_blur(combined, self.sigma * combined.shape[1] / 256)
+        smoothed = F.interpolate(smoothed[:, None], size=(self.size, self.size), mode="bilinear",
+                                 align_corners=False)[:, 0]                                # (1, S, S)
+        return pfm, knn, smoothed
+
+    @staticmethod
+    def _run(plan: list[tuple], x: torch.Tensor, params) -> torch.Tensor:
+        for step in plan:
+            if step[0] == "linear":
+                x = F.linear(x, params[step[1]], None if step[2] is None else params[step[2]])
+            else:
+                x = F.relu(x)
+        return x
+
+
+_lock = threading.Lock()
+_graphs: dict[tuple, CompiledModule] = {}
+
+
+def compiled_heads(mappings: PFMMappings, sigma: float, size: int) -> CompiledModule:
+    """The compiled ``ScoringHeads`` for detectors whose nets are shaped like ``mappings``,
+    shared by all of them in this process (a graph per feature size, built on first use; the
+    bank's length may vary)."""
+    key = (tuple(tuple(p.shape) for p in mappings.parameters()), mappings.use_position_encoding,
+           float(sigma), int(size))
+    with _lock:
+        if key not in _graphs:
+            heads = ScoringHeads(mappings, sigma, size)
+            _graphs[key] = CompiledModule("scoring heads", heads, dynamic={6 + heads.n_parameters: (0,)})
+        return _graphs[key]

@@ -1,0 +1,146 @@
+"""The scoring heads compiled by OpenVINO compute what PyTorch eager computes, on real photos."""
+import numpy as np
+import pytest
+import torch
+
+from anomaly import DetectorConfig, PFMDetector, runtime
+from anomaly.detector import to_tensor
+from anomaly.heads import ScoringHeads
+from anomaly.image_io import load_image
+from conftest import category_files
+
+
+@pytest.fixture(scope="module")
+def fitted(data_dir):
+    """A small detector fitted in PyTorch eager, and real test photos (screw defects, good bottles)."""
+    eager = PFMDetector(DetectorConfig(steps=20, views=8), runtime="torch")
+    eager.fit(category_files(data_dir, "bottle", "train/good", 3))
+    paths = category_files(data_dir, "screw", "test/thread_side", 2) + category_files(data_dir, "bottle", "test/good", 2)
+    return eager, paths
+
+
+@pytest.fixture
+def compilations(monkeypatch):
+    """The class names of the modules compiled while the test runs, in order."""
+    names = []
+    real = runtime.compile_module
+
+    def counting(module, inputs, dynamic, precision):
+        names.append(type(module).__name__)
+        return real(module, inputs, dynamic, precision)
+    monkeypatch.setattr(runtime, "compile_module", counting)
+    return names
+
+
+def _twin(eager: PFMDetector, config: DetectorConfig | None = None) -> PFMDetector:
+    compiled = PFMDetector(config or eager.config, runtime="openvino")
+    compiled.load_tensors(eager.tensors())
+    return compiled
+
+
+@pytest.mark.parametrize("score", ["hybrid", "pfm", "knn"])
+def test_compiled_heads_give_pytorchs_maps_in_float32(fitted, monkeypatch, score):
+    """Both components (what the fit calibrates on) and the final maps, within 1e-4 of the
+    threshold; "pfm" has an empty bank, "knn" zeroes PFM's map."""
+    monkeypatch.setenv("ANOMALY_PRECISION", "f32")
+    eager, paths = fitted
+    config = DetectorConfig(**{**vars(eager.config), "score": score})
+    reference = PFMDetector(config, runtime="torch")
+    reference.load_tensors(eager.tensors())
+    if score == "pfm":
+        reference.bank = torch.empty(0, reference.embedding_channels)
+    compiled = _twin(reference, config)
+    x, _ = to_tensor([load_image(p) for p in paths], config.image_size)
+    features = reference.backbones.features(x)
+    for a, b in zip(compiled._components(compiled.mappings, compiled.bank, *features),
+                    reference._components(reference.mappings, reference.bank, *features)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(b.abs().max().clamp_min(1.0)))
+    maps_a, scores_a = compiled.anomaly_maps(paths)
+    maps_b, scores_b = reference.anomaly_maps(paths)
+    assert compiled.runtime == "openvino"
+    assert np.abs(maps_a - maps_b).max() < 1e-4 * reference.threshold
+    np.testing.assert_allclose(scores_a, scores_b, rtol=1e-4)
+
+
+def test_position_encoding_is_part_of_the_compiled_heads(fitted, data_dir, monkeypatch):
+    monkeypatch.setenv("ANOMALY_PRECISION", "f32")
+    eager, paths = fitted
+    config = DetectorConfig(steps=5, views=4, position_encoding=True)
+    reference = PFMDetector(config, runtime="torch")
+    reference.fit(category_files(data_dir, "bottle", "train/good", 2))
+    compiled = _twin(reference)
+    maps_a, _ = compiled.anomaly_maps(paths)
+    maps_b, _ = reference.anomaly_maps(paths)
+    assert np.abs(maps_a - maps_b).max() < 1e-4 * reference.threshold
+
+
+@pytest.mark.skipif(not runtime.native_bf16(), reason="this CPU has no native bfloat16")
+def test_bfloat16_keeps_the_maps_and_verdicts(fitted):
+    """bfloat16, the default where the CPU has it: maps within 10 % of the threshold, scores
+    within 3 %, and the same verdict for every image not within 3 % of the threshold."""
+    eager, paths = fitted
+    compiled = _twin(eager)
+    assert runtime.precision() == "bf16"
+    maps_a, scores_a = compiled.anomaly_maps(paths)
+    maps_b, scores_b = eager.anomaly_maps(paths)
+    assert np.abs(maps_a - maps_b).max() < 0.1 * eager.threshold
+    np.testing.assert_allclose(scores_a, scores_b, rtol=0.03)
+    clear = np.abs(scores_b - eager.threshold) > 0.03 * eager.threshold
+    assert ((scores_a > eager.threshold) == (scores_b > eager.threshold))[clear].all()
+
+
+def test_one_graph_serves_fit_predict_and_every_detector_alike(data_dir, compilations):
+    """A fit's held-out scoring and the predictions run the same compilations heads; a second
+    detector of the same architecture compiles nothing new."""
+    config = DetectorConfig(steps=10, views=6, image_size=112)            # a size no other test uses
+    references = category_files(data_dir, "bottle", "train/good", 3)
+    first = PFMDetector(config, runtime="openvino")
+    first.fit(references)
+    first.predict(references[0])
+    assert compilations.count("ScoringHeads") == 1 and len(compilations) == 3      # + the two backbones
+    second = PFMDetector(config, runtime="openvino")
+    second.fit(references[1:])
+    second.predict(references[0])
+    assert len(compilations) == 3 and second.runtime == "openvino"
+
+
+def test_heads_that_fail_to_compile_leave_the_detector_working_in_pytorch(fitted, monkeypatch):
+    eager, paths = fitted
+    real = runtime.compile_module
+
+    def heads_broken(module, inputs, dynamic, precision):
+        if isinstance(module, ScoringHeads):
+            raise RuntimeError("compiler broke")
+        return real(module, inputs, dynamic, precision)
+    monkeypatch.setattr(runtime, "compile_module", heads_broken)
+    config = DetectorConfig(**{**vars(eager.config), "sigma": 3.0})        # a graph no other test built
+    reference = PFMDetector(config, runtime="torch")
+    reference.load_tensors(eager.tensors())
+    compiled = _twin(reference, config)
+    maps_a, _ = compiled.anomaly_maps(paths[:1])
+    maps_b, _ = reference.anomaly_maps(paths[:1])
+    assert compiled.runtime == "torch"
+    assert np.abs(maps_a - maps_b).max() < 0.1 * reference.threshold       # backbones still compiled
+
+
+def test_precision_is_chosen_by_environment(monkeypatch):
+    monkeypatch.setenv("ANOMALY_PRECISION", "f32")
+    assert runtime.precision() == "f32"
+    monkeypatch.setenv("ANOMALY_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="choose one of"):
+        runtime.precision()
+    monkeypatch.delenv("ANOMALY_PRECISION")
+    assert runtime.precision() == ("bf16" if runtime.native_bf16() else "f32")
+
+
+def test_warm_builds_everything_a_fit_and_predictions_need(data_dir, compilations):
+    """What the app does in the background after start: the first visitor's fit compiles nothing."""
+    config = DetectorConfig(steps=10, views=6, image_size=96)             # a size no other test uses
+    PFMDetector(config, runtime="openvino").warm()
+    assert sorted(compilations) == ["ScoringHeads", "_TimmLevels", "_TimmLevels"]
+    detector = PFMDetector(config, runtime="openvino")
+    references = category_files(data_dir, "bottle", "train/good", 3)
+    detector.fit(references)
+    detector.predict(references[0])
+    assert len(compilations) == 3
