@@ -258,8 +258,15 @@ class BackbonePair(NamedTuple):
                 parts_t.append(self.target.unnormalised(batch))
             if progress:
                 progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
-        cat = lambda parts: [torch.cat([p[level] for p in parts]) for level in range(len(parts[0]))]
-        return cat(parts_s), cat(parts_t)
+        return _concatenated(parts_s), _concatenated(parts_t)
+
+
+def _concatenated(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Chunks' features [[(n_i, C_l, h_l, w_l) per level]] -> [(sum n_i, C_l, h_l, w_l)]; a single
+    chunk as it is (no torch op: see ``FeatureExtractor.unnormalised``)."""
+    if len(parts) == 1:
+        return parts[0]
+    return [torch.cat([p[level] for p in parts]) for level in range(len(parts[0]))]
 
 
 def load_pair(pair: str, runtime: str | None = None) -> BackbonePair:

@@ -25,7 +25,7 @@ from .compute import CPU_TURN
 from .image_io import ImageLike, load_image
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
-from .postprocess import normalize
+from .postprocess import normalize, resize_map
 from .runtime import default_runtime
 from .scoring import SCORES, combine, image_scores, smooth
 from .serialization import load_detector, save_detector
@@ -445,9 +445,8 @@ class PFMDetector:
         lo, hi = self.score_range
         out = []
         for im, amap, score in zip(pil, maps, scores):
-            if resolution == "input" and amap.shape != (im.height, im.width):
-                amap = F.interpolate(torch.from_numpy(amap)[None, None], size=(im.height, im.width),
-                                     mode="bilinear", align_corners=False)[0, 0].numpy()
+            if resolution == "input":
+                amap = resize_map(amap, im.size)
             out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)),
                                   bool(score > thr), thr))
         return out[0] if single else out

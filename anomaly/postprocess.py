@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 
@@ -35,6 +36,17 @@ def normalize(x, threshold: float, lo: float, hi: float):
     if np.ndim(x) == 0 and not isinstance(x, np.ndarray):
         return float(out)
     return out.astype(dtype)
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) float32 map -> (H, W) float32 by Pillow's bilinear resize (``size`` is PIL's
+    (W, H)): when enlarging, torch's bilinear interpolation (align_corners=False) to ~3e-5; when
+    shrinking, antialiased. Single-threaded: no OpenMP threads left spinning (see
+    ``FeatureExtractor.unnormalised``)."""
+    if amap.shape == (size[1], size[0]):
+        return amap
+    return np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32)).resize(size, Image.BILINEAR),
+                      dtype=np.float32)
 
 
 def binary_mask(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from .postprocess import auroc, best_threshold, binary_mask, normalize, region_outline, roc_curve
+from .postprocess import auroc, best_threshold, binary_mask, normalize, region_outline, resize_map, roc_curve
 
 COLORMAP = "jet"                    # blue = normal, red = anomalous; threshold = middle (green)
 OUTLINE_COLOUR = (255, 0, 255)      # magenta: not in the colormap and rare in photos
@@ -31,13 +31,6 @@ def _check_map(anomaly_map) -> np.ndarray:
     if not np.all(np.isfinite(amap)):
         raise ValueError("anomaly_map contains NaN or infinite values")
     return amap
-
-
-def _resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) float map -> (H, W) by bilinear interpolation; ``size`` is PIL's (W, H)."""
-    if amap.shape == (size[1], size[0]):
-        return amap
-    return np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR), dtype=np.float32)
 
 
 def colour_range(threshold: float, lo: float, hi: float) -> tuple[float, float]:
@@ -71,7 +64,7 @@ def heatmap_overlay(image: Image.Image, anomaly_map, threshold: float, lo: float
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     rgb = image.convert("RGB")
-    amap = _resize_map(_check_map(anomaly_map), rgb.size)                  # (H, W)
+    amap = resize_map(_check_map(anomaly_map), rgb.size)                  # (H, W)
     norm = normalize(amap, threshold, *colour_range(threshold, lo, hi))     # (H, W) in [0, 1]
     lut = matplotlib.colormaps[COLORMAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]  # (256, 3)
     heat = lut[np.rint(norm * 255.0).astype(np.uint8)].astype(np.float32)   # (H, W, 3)
