@@ -13,7 +13,8 @@ def markdown(results: dict) -> str:
     meta = results["meta"]
     m = meta["machine"]
     parts = [f"Measured {meta['date']} on {m['nproc']} cores ({m['cpu_model']}), torch {m['torch']} "
-             f"({m['torch_threads']} threads), anomalib {m['anomalib'] or 'not installed'}; "
+             f"({m['torch_threads']} threads), OpenVINO {m.get('openvino') or 'not installed'} "
+             f"({m.get('precision') or '-'}), anomalib {m['anomalib'] or 'not installed'}; "
              f"load average {_load(m.get('load_average_1_5_15'))} at the start, "
              f"{_load(meta.get('load_average_at_end'))} at the end.",
              methods_table(results["summary"])]

@@ -24,7 +24,7 @@ import torch
 
 from anomaly import metrics
 from anomaly.backbones import load_pair
-from anomaly.runtime import RUNTIMES, default_runtime
+from anomaly.runtime import RUNTIMES, default_runtime, precision
 from anomaly.datasets import Category, discover, load_mask, reference_paths, test_samples
 from anomaly.detector import DetectorConfig, PFMDetector, to_tensor
 from anomaly.image_io import load_image
@@ -233,10 +233,21 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    openvino = openvino_version()
     return {"nproc": os.cpu_count(), "cpu_model": model, "torch_threads": torch.get_num_threads(),
             "load_average_1_5_15": list(os.getloadavg()),    # other work on the machine skews timings
             "python": platform.python_version(), "torch": torch.__version__,
-            "anomalib": anomalib_version(), "platform": platform.platform()}
+            "anomalib": anomalib_version(), "openvino": openvino, "precision": precision() if openvino else None,
+            "platform": platform.platform()}
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO's version, None where it is not installed."""
+    try:
+        from importlib.metadata import version
+        return version("openvino")
+    except ImportError:
+        return None
 
 
 def run_benchmark(config: BenchConfig, progress: Progress = lambda message: None,
