@@ -80,14 +80,15 @@ class FeatureExtractor(nn.Module):
         return "torch" if self._compiled is None or self._compiled.failed_shapes else "openvino"
 
     @torch.inference_mode()
-    def unnormalised(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def unnormalised(self, images: torch.Tensor, precision: str | None = None) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], as the body
-        gives them, computed by ``runtime``."""
+        gives them, computed by ``runtime`` (OpenVINO: in ``precision``, default
+        ``anomaly.runtime.default_precision()``)."""
         if self._compiled is not None and images.shape[0]:
             # normalised in NumPy: a multi-threaded torch op here would leave OpenMP's threads
             # spinning on the cores that OpenVINO is about to use (1.5-2x slower)
             normalised = (images.numpy() - self.mean.numpy()) / self.std.numpy()
-            per_image = [self._compiled.run([np.ascontiguousarray(x[None])]) for x in normalised]
+            per_image = [self._compiled.run([np.ascontiguousarray(x[None])], precision) for x in normalised]
             if per_image[0] is not None:
                 return [torch.from_numpy(np.concatenate(level)) for level in zip(*per_image)]
         return self.body((images - self.mean) / self.std)
@@ -247,15 +248,16 @@ class BackbonePair(NamedTuple):
 
     @torch.inference_mode()
     def features(self, images: torch.Tensor, progress: Callable[[float, str], None] | None = None,
-                 chunk: int = 4) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                 chunk: int = 4, precision: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(N, 3, S, S) in [0, 1] -> source and target features per level [(N, C_l, h_l, w_l)]
-        as the networks give them (not normalised), ``chunk`` images at a time."""
+        as the networks give them (not normalised), ``chunk`` images at a time (on OpenVINO in
+        ``precision``, see ``FeatureExtractor.unnormalised``)."""
         parts_s, parts_t = [], []
         for start in range(0, images.shape[0], chunk):
             batch = images[start:start + chunk]
             with CPU_TURN:
-                parts_s.append(self.source.unnormalised(batch))
-                parts_t.append(self.target.unnormalised(batch))
+                parts_s.append(self.source.unnormalised(batch, precision))
+                parts_t.append(self.target.unnormalised(batch, precision))
             if progress:
                 progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
         return _concatenated(parts_s), _concatenated(parts_t)

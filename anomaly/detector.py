@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 SCORING_CHUNK = 4          # held-out views scored per turn on the CPU (see compute.CPU_TURN)
+FIT_PRECISION = "f32"      # the training views' features: the bank and the nets learn from
+                           # float32 features even where predictions run in bfloat16 (see README)
 
 
 @dataclass
@@ -310,6 +312,7 @@ class PFMDetector:
         S = self.config.image_size
         with CPU_TURN:
             features = self.backbones.features(torch.zeros(1, 3, S, S))
+            self.backbones.features(torch.zeros(1, 3, S, S), precision=FIT_PRECISION)
             self._compiled_maps(self._new_mappings(), torch.zeros(1, self.embedding_channels), *features,
                                 torch.ones(2))
 
@@ -335,7 +338,7 @@ class PFMDetector:
         refs, _ = to_tensor(pil, cfg.image_size, cfg.resize)                             # (k, 3, S, S)
         n_views = max(1, math.ceil(cfg.views / k))
         views = augment(refs, n_views, cfg, torch.Generator().manual_seed(cfg.seed))     # (k*V, 3, S, S)
-        feats_s, feats_t = self.backbones.features(views, report(0.0, 0.3))               # raw, per level
+        feats_s, feats_t = self.backbones.features(views, report(0.0, 0.3), precision=FIT_PRECISION)
         bank, bank_view = self._memory_bank(feats_s, report(0.3, 0.4))                    # (M, D), (M,)
         with CPU_TURN:
             unit_s, unit_t = unit(feats_s), unit(feats_t)                                 # PFM's inputs
@@ -372,7 +375,7 @@ class PFMDetector:
         margin = 0.0
         if not calibration:   # a single reference: fresh augmented views of it stand in
             fresh = augment(refs, 9, cfg, torch.Generator().manual_seed(cfg.seed + 1))[1:]
-            calibration.append(self._components(mappings, bank, *self.backbones.features(fresh)))
+            calibration.append(self._components(mappings, bank, *self.backbones.features(fresh)))  # as predicted
             margin = cfg.single_reference_margin
         components = calibration[0]
         scales = torch.stack([c.mean() if c.any() else torch.tensor(1.0) for c in components])

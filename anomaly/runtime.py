@@ -6,11 +6,11 @@ ones named dynamic, so that OpenVINO can fold the graph and pre-pack its convolu
 compiled graphs of the most recently used shapes are kept. Nothing is written to disk and
 nothing is downloaded: the weights are those of the module.
 
-Precision: OpenVINO computes in bfloat16 where the CPU does it natively (AVX512-BF16 or AMX:
-about 1.4x faster here, maps within a few per cent, AUROC unchanged within 0.005; see
-README, "Runtimes") and in float32 elsewhere; ``$ANOMALY_PRECISION=f32`` forces float32 (the
-same maps as PyTorch to ~1e-5). ``$ANOMALY_RUNTIME`` (``openvino`` or ``torch``) chooses the
-runtime.
+Precision: by default OpenVINO computes in bfloat16 where the CPU does it natively (AVX512-BF16
+or AMX: predictions about 1.4x faster here, maps within a few per cent) and in float32
+elsewhere; a caller may ask for float32 (the detector's fit does, see ``FIT_PRECISION``), and
+``$ANOMALY_PRECISION=f32`` makes float32 the default (PyTorch's twin to ~1e-5).
+``$ANOMALY_RUNTIME`` (``openvino`` or ``torch``) chooses the runtime.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _core():
     return ov.Core()
 
 
-def precision() -> str:
+def default_precision() -> str:
     """The precision OpenVINO computes in: "bf16" where the CPU has native bfloat16 and
     $ANOMALY_PRECISION does not say "f32", else "f32"."""
     wanted = os.environ.get(PRECISION_ENV, "bf16")
@@ -97,15 +97,17 @@ class CompiledModule:
         self._compiled: OrderedDict[tuple, object] = OrderedDict()     # shapes -> infer request
         self._lock = threading.Lock()
 
-    def graph_key(self, inputs: Sequence[np.ndarray]) -> tuple:
+    def graph_key(self, inputs: Sequence[np.ndarray], precision: str) -> tuple:
         """What selects a graph: the precision and each input's shape, dynamic axes as -1."""
-        return (precision(), *(tuple(-1 if axis in self.dynamic.get(i, ()) else n for axis, n in enumerate(x.shape))
+        return (precision, *(tuple(-1 if axis in self.dynamic.get(i, ()) else n for axis, n in enumerate(x.shape))
                                for i, x in enumerate(inputs)))
 
-    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray] | None:
-        """float32 C-contiguous arrays -> the module's outputs as new float32 arrays; None for
-        shapes OpenVINO cannot run."""
-        key = self.graph_key(inputs)
+    def run(self, inputs: Sequence[np.ndarray], precision: str | None = None) -> list[np.ndarray] | None:
+        """float32 C-contiguous arrays -> the module's outputs as new float32 arrays, computed in
+        ``precision`` ("f32", or the default ``default_precision()``); None for shapes OpenVINO cannot run."""
+        if precision not in (None, "f32"):
+            raise ValueError(f"precision {precision!r}: pass None (the default) or 'f32'")
+        key = self.graph_key(inputs, precision or default_precision())
         with self._lock:                       # one infer request per graph: one call at a time
             request = self._request(key, inputs)
             if request is None:

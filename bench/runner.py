@@ -24,7 +24,7 @@ import torch
 
 from anomaly import metrics
 from anomaly.backbones import load_pair
-from anomaly.runtime import RUNTIMES, default_runtime, precision
+from anomaly.runtime import RUNTIMES, default_precision, default_runtime
 from anomaly.datasets import Category, discover, load_mask, reference_paths, test_samples
 from anomaly.detector import DetectorConfig, PFMDetector, to_tensor
 from anomaly.image_io import load_image
@@ -237,7 +237,7 @@ def machine() -> dict:
     return {"nproc": os.cpu_count(), "cpu_model": model, "torch_threads": torch.get_num_threads(),
             "load_average_1_5_15": list(os.getloadavg()),    # other work on the machine skews timings
             "python": platform.python_version(), "torch": torch.__version__,
-            "anomalib": anomalib_version(), "openvino": openvino, "precision": precision() if openvino else None,
+            "anomalib": anomalib_version(), "openvino": openvino, "precision": default_precision() if openvino else None,
             "platform": platform.platform()}
 
 

@@ -81,7 +81,7 @@ def test_bfloat16_keeps_the_maps_and_verdicts(fitted):
     within 3 %, and the same verdict for every image not within 3 % of the threshold."""
     eager, paths = fitted
     compiled = _twin(eager)
-    assert runtime.precision() == "bf16"
+    assert runtime.default_precision() == "bf16"
     maps_a, scores_a = compiled.anomaly_maps(paths)
     maps_b, scores_b = eager.anomaly_maps(paths)
     assert np.abs(maps_a - maps_b).max() < 0.1 * eager.threshold
@@ -98,11 +98,12 @@ def test_one_graph_serves_fit_predict_and_every_detector_alike(data_dir, compila
     first = PFMDetector(config, runtime="openvino")
     first.fit(references)
     first.predict(references[0])
-    assert compilations.count("ScoringHeads") == 1 and len(compilations) == 3      # + the two backbones
+    backbones = 4 if runtime.native_bf16() else 2       # the fit's float32 and the predictions' bfloat16
+    assert compilations.count("ScoringHeads") == 1 and len(compilations) == 1 + backbones
     second = PFMDetector(config, runtime="openvino")
     second.fit(references[1:])
     second.predict(references[0])
-    assert len(compilations) == 3 and second.runtime == "openvino"
+    assert len(compilations) == 1 + backbones and second.runtime == "openvino"
 
 
 def test_heads_that_fail_to_compile_leave_the_detector_working_in_pytorch(fitted, monkeypatch):
@@ -126,21 +127,35 @@ def test_heads_that_fail_to_compile_leave_the_detector_working_in_pytorch(fitted
 
 def test_precision_is_chosen_by_environment(monkeypatch):
     monkeypatch.setenv("ANOMALY_PRECISION", "f32")
-    assert runtime.precision() == "f32"
+    assert runtime.default_precision() == "f32"
     monkeypatch.setenv("ANOMALY_PRECISION", "fp8")
     with pytest.raises(ValueError, match="choose one of"):
-        runtime.precision()
+        runtime.default_precision()
     monkeypatch.delenv("ANOMALY_PRECISION")
-    assert runtime.precision() == ("bf16" if runtime.native_bf16() else "f32")
+    assert runtime.default_precision() == ("bf16" if runtime.native_bf16() else "f32")
 
 
 def test_warm_builds_everything_a_fit_and_predictions_need(data_dir, compilations):
     """What the app does in the background after start: the first visitor's fit compiles nothing."""
     config = DetectorConfig(steps=10, views=6, image_size=96)             # a size no other test uses
     PFMDetector(config, runtime="openvino").warm()
-    assert sorted(compilations) == ["ScoringHeads", "_TimmLevels", "_TimmLevels"]
+    backbones = 4 if runtime.native_bf16() else 2       # the fit's float32 and the predictions' bfloat16
+    assert sorted(compilations) == ["ScoringHeads"] + ["_TimmLevels"] * backbones
     detector = PFMDetector(config, runtime="openvino")
     references = category_files(data_dir, "bottle", "train/good", 3)
     detector.fit(references)
     detector.predict(references[0])
-    assert len(compilations) == 3
+    assert len(compilations) == 1 + backbones
+
+
+def test_the_fit_learns_from_float32_features_whatever_predictions_compute_in(data_dir, monkeypatch):
+    """bfloat16 features in the bank and the nets' training cost screw 0.013 of image AUROC, so
+    the fit's features are float32 everywhere: the bank is the same under either precision."""
+    config = DetectorConfig(steps=5, views=6, image_size=128)
+    references = category_files(data_dir, "bottle", "train/good", 3)
+    default = PFMDetector(config, runtime="openvino")
+    default.fit(references)
+    monkeypatch.setenv("ANOMALY_PRECISION", "f32")
+    float32 = PFMDetector(config, runtime="openvino")
+    float32.fit(references)
+    torch.testing.assert_close(default.bank, float32.bank, rtol=0, atol=0)
