@@ -26,7 +26,7 @@ from anomaly import metrics
 from anomaly.backbones import load_pair
 from anomaly.runtime import RUNTIMES, default_precision, default_runtime
 from anomaly.datasets import Category, discover, load_mask, reference_paths, test_samples
-from anomaly.detector import DetectorConfig, PFMDetector, to_tensor
+from anomaly.detector import FIT_PRECISION, DetectorConfig, PFMDetector, to_tensor
 from anomaly.image_io import load_image
 
 from .methods import LABELS, METHODS, RUNTIME_METHODS, anomalib_version, build_method, views_of
@@ -162,7 +162,8 @@ def _ran_on(actual: str, requested: str, what: str) -> str:
 def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeats: int,
                 predict_repeats: int, runtime: str) -> dict:
     """PFM's fit and predict against the floor: both backbones' forward pass, on the same
-    ``runtime``, over the training views PFM's fit builds (in its chunks) and on one image.
+    ``runtime``, over the training views PFM's fit builds (in its chunks and precision) and on
+    one image (in the predictions' precision).
 
     PFM and its floor are timed in alternation, so both see the same load on a shared machine;
     ratios are medians over repeats. PFM's predict is the app's: a PIL image in, a map at the
@@ -179,7 +180,7 @@ def speed_floor(references: list, test_image, config: DetectorConfig, fit_repeat
 
     fit_floor, fit = [], []
     for _ in range(fit_repeats):
-        fit_floor.append(timed(lambda: extract(views)))
+        fit_floor.append(timed(lambda: extract(views, precision=FIT_PRECISION)))
         fit.append(timed(lambda: detector.fit(references)))
     one, _ = to_tensor([test_image], config.image_size, config.resize)   # (1, 3, S, S)
     extract(one)                                                       # warm-up
