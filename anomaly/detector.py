@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
-from .heads import compiled_heads, mapping_parameters
 from .calibration import calibrated_threshold
 from .compute import CPU_TURN
+from .heads import compiled_heads, mapping_parameters
 from .image_io import ImageLike, load_image
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
@@ -276,7 +276,8 @@ class PFMDetector:
                 if weights[1]:
                     knn = distance_maps(patch_embedding(source), bank)                     # (B, 1, h_1, w_1)
                     knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
-            return [m if w and m is not None else torch.zeros_like(source[0][:, 0]) for m, w in zip((pfm, knn), weights)]
+            zeros = torch.zeros_like(source[0][:, 0])                                       # (B, h_0, w_0)
+            return [m if w and m is not None else zeros for m, w in zip((pfm, knn), weights)]
 
     def _compiled_maps(self, mappings: PFMMappings, bank: torch.Tensor, source: list[torch.Tensor],
                        target: list[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor] | None:
@@ -309,13 +310,14 @@ class PFMDetector:
         """Build what a fit and predictions at this config need on the compiled runtime (both
         backbones' and the heads' graphs, shared by every detector alike), so that the first
         fit does not wait for it; nothing to build in PyTorch."""
-        S = self.config.image_size
+        image = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
+        # in the order a fit needs them; each piece takes its own turn on the CPU, so a fit that
+        # starts meanwhile goes ahead with what is built (and waits for a graph being built)
+        features = self.backbones.features(image, precision=FIT_PRECISION)
         with CPU_TURN:
-            features = self.backbones.features(torch.zeros(1, 3, S, S))
-            self.backbones.features(torch.zeros(1, 3, S, S), precision=FIT_PRECISION)
             self._compiled_maps(self._new_mappings(), torch.zeros(1, self.embedding_channels), *features,
                                 torch.ones(2))
-
+        self.backbones.features(image)
 
     def fit(self, images: Sequence[ImageLike], progress: Progress | None = None) -> FitReport:
         """Learn from k good images (1 <= k <= MAX_REFERENCES) and calibrate the threshold.

@@ -7,8 +7,9 @@ references).
 
 Each start is a fresh process on a free 127.0.0.1 port; the page counts as served when GET /
 answers 200 (polled every 50 ms). The first fit pays for whatever the app had not loaded when
-the visitor came (torch, the backbones and their runtime sessions load in the background once
-the server is up); the second fit, on the same references, is the steady state.
+the visitor came (torch and the backbones load, and OpenVINO compiles them and the scoring heads,
+in the background once the server is up); the second fit, on the same references, is the
+steady state.
 """
 import argparse
 import json
