@@ -265,19 +265,17 @@ class PFMDetector:
         """Raw features per level [(B, C_l, h_l, w_l)] -> [PFM error, bank distance], each
         (B, h_0, w_0) unsmoothed at the finest level's resolution; a map of weight 0 is zeros."""
         weights = SCORES[self.config.score]
+        zeros = torch.zeros_like(source[0][:, 0])                                           # (B, h_0, w_0)
         with CPU_TURN:
             compiled = self._compiled_maps(mappings, bank, source, target, torch.ones(2))
             if compiled is not None:
-                pfm, knn = compiled[0], compiled[1]
-            else:
-                fine = source[0].shape[2:]
-                pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else None
-                knn = None
-                if weights[1]:
-                    knn = distance_maps(patch_embedding(source), bank)                     # (B, 1, h_1, w_1)
-                    knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]
-            zeros = torch.zeros_like(source[0][:, 0])                                       # (B, h_0, w_0)
-            return [m if w and m is not None else zeros for m, w in zip((pfm, knn), weights)]
+                return [m if w else zeros for m, w in zip(compiled[:2], weights)]
+            pfm = mappings.error_maps(unit(source), unit(target)) if weights[0] else zeros
+            knn = zeros
+            if weights[1]:
+                knn = distance_maps(patch_embedding(source), bank)                         # (B, 1, h_1, w_1)
+                knn = F.interpolate(knn, size=source[0].shape[2:], mode="bilinear", align_corners=False)[:, 0]
+            return [pfm, knn]
 
     def _compiled_maps(self, mappings: PFMMappings, bank: torch.Tensor, source: list[torch.Tensor],
                        target: list[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor] | None:

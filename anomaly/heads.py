@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mapping import PFMMappings, position_encoding
+from .mapping import PFMMappings, mapping_error, position_encoding
 from .memory_bank import patch_embedding
 from .runtime import CompiledModule
 from .scoring import gaussian_blur
@@ -76,9 +76,8 @@ class ScoringHeads(nn.Module):
             if self.use_position_encoding:
                 s_in = s + position_encoding(s.shape[1], h, w).reshape(h * w, -1)
                 t_in = t + position_encoding(t.shape[1], h, w).reshape(h * w, -1)
-            to_target, to_source = (self._run(plan, x, params) for plan, x in zip(plans, (s_in, t_in)))
-            err = 0.5 * ((to_target - t).pow(2).sum(-1) + (to_source - s).pow(2).sum(-1))
-            err = err.reshape(1, 1, h, w)
+            net = lambda a, b: (self._run(plans[0], a, params), self._run(plans[1], b, params))
+            err = mapping_error(net, s, t, s_in, t_in).reshape(1, 1, h, w)
             pfm = pfm + (err if (h, w) == fine else F.interpolate(err, size=fine, mode="bilinear", align_corners=False))
         pfm = pfm[:, 0] / len(self.plans)                                                   # (1, h_0, w_0)
         patches = patch_embedding(source)                                                   # (1, D, h_1, w_1)
