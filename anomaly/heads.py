@@ -82,7 +82,9 @@ class ScoringHeads(nn.Module):
         pfm = pfm[:, 0] / len(self.plans)                                                   # (1, h_0, w_0)
         patches = patch_embedding(source)                                                   # (1, D, h_1, w_1)
         h1, w1 = patches.shape[2:]
-        queries = patches.permute(0, 2, 3, 1).reshape(h1 * w1, -1)                          # (Q, D)
+        center = bank.mean(0, keepdim=True)            # (1, D): smaller norms, less cancellation
+        queries = patches.permute(0, 2, 3, 1).reshape(h1 * w1, -1) - center                 # (Q, D)
+        bank = bank - center                                                                # (M, D)
         d2 = (bank.pow(2).sum(1)[None] - 2.0 * queries @ bank.T).amin(1) + queries.pow(2).sum(1)
         knn = d2.clamp_min(0.0).sqrt().reshape(1, 1, h1, w1)
         knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]    # (1, h_0, w_0)

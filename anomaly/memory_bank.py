@@ -72,12 +72,15 @@ def greedy_coreset(vectors: torch.Tensor, size: int, generator: torch.Generator,
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, max_elements: int = 1 << 23) -> torch.Tensor:
     """(Q, D) queries, (M, D) bank -> (Q,) Euclidean distance of each query to its nearest bank
-    vector, computed in blocks of at most ``max_elements`` distances."""
+    vector, computed in blocks of at most ``max_elements`` distances. Both are first centred on
+    the bank's mean: the same distances, with less cancellation in |q|^2 - 2 q.b + |b|^2."""
     rows = max(1, max_elements // max(1, bank.shape[0]))
+    center = bank.mean(0) if len(bank) else torch.zeros(bank.shape[1])           # (D,)
+    bank = bank - center
     bank_sq = bank.pow(2).sum(1)                                                  # (M,)
     out = []
     for start in range(0, queries.shape[0], rows):
-        q = queries[start:start + rows]
+        q = queries[start:start + rows] - center
         d2 = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0).amin(1) + q.pow(2).sum(1)
         out.append(d2.clamp_min_(0.0).sqrt_())
     return torch.cat(out)

@@ -24,3 +24,12 @@ def test_nearest_distance_is_exact_in_blocks():
     queries, bank = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
     expected = torch.cdist(queries, bank).amin(1)
     torch.testing.assert_close(nearest_distance(queries, bank, max_elements=7 * 50), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nearest_distance_stays_exact_far_from_the_origin():
+    """Features far from the origin (all positive after a ReLU): without centring, |q|^2 and
+    |b|^2 would swamp float32's precision of the small distances between them."""
+    g = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 16, generator=g) + 1000.0, torch.randn(50, 16, generator=g) + 1000.0
+    expected = torch.cdist(queries.double(), bank.double()).amin(1).float()
+    torch.testing.assert_close(nearest_distance(queries, bank), expected, rtol=1e-4, atol=1e-4)
