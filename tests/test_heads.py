@@ -140,7 +140,7 @@ def test_warm_builds_everything_a_fit_and_predictions_need(data_dir, compilation
     config = DetectorConfig(steps=10, views=6, image_size=96)             # a size no other test uses
     PFMDetector(config, runtime="openvino").warm()
     backbones = 4 if runtime.native_bf16() else 2       # the fit's float32 and the predictions' bfloat16
-    assert sorted(compilations) == ["ScoringHeads"] + ["_TimmLevels"] * backbones
+    assert sorted(compilations) == ["ScoringHeads"] + ["_Normalised"] * backbones
     detector = PFMDetector(config, runtime="openvino")
     references = category_files(data_dir, "bottle", "train/good", 3)
     detector.fit(references)
