@@ -21,12 +21,12 @@ from PIL import Image
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
 from .calibration import calibrated_threshold
 from .compute import CPU_TURN
-from .heads import compiled_heads, mapping_parameters
+from .heads import compiled_heads, fitted_heads, mapping_parameters
 from .image_io import ImageLike, load_image
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
 from .postprocess import normalize, resize_map
-from .runtime import default_runtime
+from .runtime import CompiledModule, default_runtime
 from .scoring import SCORES, combine, image_scores, smooth
 from .serialization import load_detector, save_detector
 from .settings import DEFAULT_IMAGE_SIZE
@@ -192,6 +192,7 @@ class PFMDetector:
         self.scales = torch.ones(2)
         self.calibration_scores = torch.empty(0)
         self._threshold = float("nan")
+        self._own_heads: tuple[tuple, CompiledModule] | None = None     # (fitted state, its graph)
 
     def _new_mappings(self) -> PFMMappings:
         cfg = self.config
@@ -241,6 +242,7 @@ class PFMDetector:
         self.mappings.load_state_dict({k.removeprefix("mappings."): v for k, v in tensors.items()
                                        if k.startswith("mappings.")})
         self.mappings.eval()
+        self._own_heads = None                   # the nets changed in place
         self.bank, self.scales = tensors["bank"], tensors["scales"]
         self.calibration_scores = tensors["calibration_scores"]
         self._threshold = float(tensors["threshold"])
@@ -297,6 +299,33 @@ class PFMDetector:
             per_image.append(outputs)
         return [torch.from_numpy(np.concatenate(maps)) for maps in zip(*per_image)]
 
+    def _fitted_heads(self) -> CompiledModule | None:
+        """The scoring heads compiled with this detector's fitted nets, bank and scales as
+        constants (faster than ``compiled_heads``), built on the first prediction after a fit or
+        load; None where the heads run in PyTorch."""
+        if self._heads is None:
+            return None
+        state = (self.mappings, self.bank, self.scales)
+        if self._own_heads is None or any(a is not b for a, b in zip(self._own_heads[0], state)):
+            bank = self.bank if len(self.bank) else torch.zeros(1, self.embedding_channels)
+            self._own_heads = (state, fitted_heads(self.mappings, bank, self.scales, SCORES[self.config.score],
+                                                   self.config.sigma, self.config.image_size))
+        return self._own_heads[1]
+
+    def _fitted_maps(self, features: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor | None:
+        """Raw (source, target) features per level -> (B, S, S) final maps by ``_fitted_heads``,
+        image by image; None where they do not run."""
+        heads = self._fitted_heads()
+        if heads is None:
+            return None
+        maps = []
+        for i in range(features[0][0].shape[0]):
+            outputs = heads.run([np.ascontiguousarray(f[i:i + 1].numpy()) for f in (*features[0], *features[1])])
+            if outputs is None:
+                return None
+            maps.append(outputs[2])
+        return torch.from_numpy(np.concatenate(maps))
+
     def _smoothed(self, components: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
         """``_components`` -> (B, S, S) final anomaly maps."""
         combined = combine(components, SCORES[self.config.score], scales)
@@ -307,8 +336,9 @@ class PFMDetector:
     @torch.inference_mode()
     def warm(self) -> None:
         """Build what a fit and predictions at this config need on the compiled runtime (both
-        backbones' and the heads' graphs, shared by every detector alike), so that the first
-        fit does not wait for it; nothing to build in PyTorch."""
+        backbones' and the heads' graphs, shared by every detector alike, and a fitted
+        detector's own heads), so that the first fit or prediction does not wait for it;
+        nothing to build in PyTorch."""
         image = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
         # in the order a fit needs them; each piece takes its own turn on the CPU, so a fit that
         # starts meanwhile goes ahead with what is built (and waits for a graph being built)
@@ -316,7 +346,10 @@ class PFMDetector:
         with CPU_TURN:
             self._compiled_maps(self._new_mappings(), torch.zeros(1, self.embedding_channels), *features,
                                 torch.ones(2))
-        self.backbones.features(image)
+        predicted = self.backbones.features(image)
+        if self.is_fitted:
+            with CPU_TURN:
+                self._fitted_maps(predicted)
 
     def fit(self, images: Sequence[ImageLike], progress: Progress | None = None) -> FitReport:
         """Learn from k good images (1 <= k <= MAX_REFERENCES) and calibrate the threshold.
@@ -422,9 +455,11 @@ class PFMDetector:
         x, content = to_tensor(pil, S, self.config.resize)
         with CPU_TURN:
             features = self.backbones.features(x)
-            compiled = self._compiled_maps(self.mappings, self.bank, *features, self.scales)
-            maps = compiled[2] if compiled is not None else \
-                self._smoothed(self._components(self.mappings, self.bank, *features), self.scales)
+            maps = self._fitted_maps(features)
+            if maps is None:
+                compiled = self._compiled_maps(self.mappings, self.bank, *features, self.scales)
+                maps = compiled[2] if compiled is not None else \
+                    self._smoothed(self._components(self.mappings, self.bank, *features), self.scales)
         if self.config.resize == "pad":   # crop the mirrored margin, stretch the content to S x S
             maps = torch.cat([F.interpolate(m[None, None, :h, :w], size=(S, S), mode="bilinear",
                                             align_corners=False)[0] for m, (h, w) in zip(maps, content)])

@@ -104,6 +104,24 @@ class ScoringHeads(nn.Module):
         return x
 
 
+class FittedHeads(nn.Module):
+    """forward(3 source features (1, C_l, h_l, w_l), 3 target features) -> ``ScoringHeads``'
+    outputs for one fitted detector, whose nets' parameters, bank, scales and score weights
+    (``constants``, in ``ScoringHeads``' order) are constants of the graph: OpenVINO folds the
+    bank's norms and pre-packs every weight once instead of on each call (3-4 ms of 14 per
+    image here)."""
+
+    def __init__(self, heads: ScoringHeads, constants: list[np.ndarray]):
+        super().__init__()
+        self.heads = heads
+        self.n_constants = len(constants)
+        for i, value in enumerate(constants):
+            self.register_buffer(f"constant{i}", torch.tensor(value, dtype=torch.float32))
+
+    def forward(self, *features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.heads(*features, *(getattr(self, f"constant{i}") for i in range(self.n_constants)))
+
+
 _lock = threading.Lock()
 _graphs: dict[tuple, CompiledModule] = {}
 
@@ -119,3 +137,10 @@ def compiled_heads(mappings: PFMMappings, sigma: float, size: int) -> CompiledMo
             heads = ScoringHeads(mappings, sigma, size)
             _graphs[key] = CompiledModule("scoring heads", heads, dynamic={6 + heads.n_parameters: (0,)})
         return _graphs[key]
+
+
+def fitted_heads(mappings: PFMMappings, bank: torch.Tensor, scales: torch.Tensor, weights: tuple[float, float],
+                 sigma: float, size: int) -> CompiledModule:
+    """``FittedHeads`` of one fitted detector, compiled on first use (about 0.3 s here)."""
+    constants = mapping_parameters(mappings) + [bank.numpy(), scales.numpy(), np.array(weights, np.float32)]
+    return CompiledModule("fitted scoring heads", FittedHeads(ScoringHeads(mappings, sigma, size), constants))

@@ -23,6 +23,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,8 @@ from .settings import (DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR, P
                        SMALL_DEFECTS_SIZE, THUMB_SIDE, WORK_SIDE)
 from .settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
 from .viz import colour_range, framed, heatmap_overlay, mask_image, roc_figure, score_plot
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 
@@ -218,6 +221,8 @@ class InspectionSession:
             try:
                 detector = PFMDetector(config)
                 report = detector.fit(images, _scaled(progress, 0.0, share))
+                if not self.results:       # nothing to rescore: build its graphs before the first inspection
+                    _warm_in_background(detector)
                 self._switch_to(detector, report, _scaled(progress, share, 1.0))
             finally:
                 self.fitting = False
@@ -226,6 +231,8 @@ class InspectionSession:
     def load_detector(self, path: str | Path) -> None:
         """Use a detector file saved earlier (``save_detector``) instead of fitting."""
         detector = PFMDetector.load(path)
+        if not self.results:
+            _warm_in_background(detector)
         with self._fit_lock:
             self.fitting = True
             try:
@@ -667,6 +674,17 @@ def _score(detector: PFMDetector, images: list[Image.Image], progress: Progress 
         preds = detector.predict(images[start:start + chunk], resolution="model")
         out += [(p.anomaly_map, p.pred_score) for p in preds]
     return out
+
+
+def _warm_in_background(detector: PFMDetector) -> None:
+    """``detector.warm()`` on a daemon thread (an inspection that comes meanwhile waits for the
+    graph being built, then goes ahead)."""
+    def warm():
+        try:
+            detector.warm()
+        except Exception:  # the first inspection will report it to the user
+            log.exception("preparing the detector's predictions failed")
+    threading.Thread(target=warm, name="warm-detector", daemon=True).start()
 
 
 def _scaled(progress: Progress | None, start: float, end: float) -> Progress | None:

@@ -5,7 +5,7 @@ import torch
 
 from anomaly import DetectorConfig, PFMDetector, runtime
 from anomaly.detector import to_tensor
-from anomaly.heads import ScoringHeads
+from anomaly.heads import FittedHeads, ScoringHeads
 from anomaly.image_io import load_image
 from conftest import category_files
 
@@ -90,38 +90,63 @@ def test_bfloat16_keeps_the_maps_and_verdicts(fitted):
     assert ((scores_a > eager.threshold) == (scores_b > eager.threshold))[clear].all()
 
 
-def test_one_graph_serves_fit_predict_and_every_detector_alike(data_dir, compilations):
-    """A fit's held-out scoring and the predictions run the same compilations heads; a second
-    detector of the same architecture compiles nothing new."""
+def test_one_heads_graph_serves_every_fit_and_each_detector_compiles_its_own_once(data_dir, compilations):
+    """Every fit's held-out scoring runs one shared heads graph; each fitted detector's
+    predictions run its own (its nets and bank as constants), compiled on its first prediction
+    only. A second detector of the same architecture compiles nothing else."""
     config = DetectorConfig(steps=10, views=6, image_size=112)            # a size no other test uses
     references = category_files(data_dir, "bottle", "train/good", 3)
     first = PFMDetector(config, runtime="openvino")
     first.fit(references)
     first.predict(references[0])
+    first.predict(references[1:])
     backbones = 4 if runtime.native_bf16() else 2       # the fit's float32 and the predictions' bfloat16
-    assert compilations.count("ScoringHeads") == 1 and len(compilations) == 1 + backbones
+    assert sorted(set(compilations)) == ["FittedHeads", "ScoringHeads", "_Normalised"]
+    assert compilations.count("ScoringHeads") == 1 and compilations.count("FittedHeads") == 1
+    assert len(compilations) == 2 + backbones
     second = PFMDetector(config, runtime="openvino")
     second.fit(references[1:])
     second.predict(references[0])
-    assert len(compilations) == 1 + backbones and second.runtime == "openvino"
+    assert compilations.count("FittedHeads") == 2 and len(compilations) == 3 + backbones
+    assert second.runtime == "openvino"
 
 
-def test_heads_that_fail_to_compile_leave_the_detector_working_in_pytorch(fitted, monkeypatch):
+def test_a_detector_predicts_with_the_state_it_holds_now(fitted, data_dir, monkeypatch):
+    """Its own heads graph is rebuilt when it adopts other nets and bank (load_tensors, which
+    changes the nets in place) and when its bank is replaced."""
+    monkeypatch.setenv("ANOMALY_PRECISION", "f32")
+    eager, paths = fitted
+    compiled = PFMDetector(eager.config, runtime="openvino")
+    other = PFMDetector(DetectorConfig(**{**vars(eager.config), "seed": 1}), runtime="torch")
+    other.fit(category_files(data_dir, "bottle", "train/good", 6)[3:])
+    for reference in (eager, other, eager):
+        compiled.load_tensors(reference.tensors())
+        maps, _ = compiled.anomaly_maps(paths[:2])
+        assert np.abs(maps - reference.anomaly_maps(paths[:2])[0]).max() < 1e-4 * reference.threshold
+    compiled.bank = reference.bank = reference.bank[: len(reference.bank) // 4].clone()
+    maps, _ = compiled.anomaly_maps(paths[:2])
+    assert np.abs(maps - reference.anomaly_maps(paths[:2])[0]).max() < 1e-4 * reference.threshold
+
+
+@pytest.mark.parametrize("broken, runs_on", [((FittedHeads,), "openvino"), ((FittedHeads, ScoringHeads), "torch")])
+def test_heads_that_fail_to_compile_leave_the_detector_working(fitted, monkeypatch, broken, runs_on):
+    """A detector's own heads that fail fall back to the shared heads graph; where that fails
+    too, the heads run in PyTorch."""
     eager, paths = fitted
     real = runtime.compile_module
 
     def heads_broken(module, inputs, dynamic, precision):
-        if isinstance(module, ScoringHeads):
+        if isinstance(module, broken):
             raise RuntimeError("compiler broke")
         return real(module, inputs, dynamic, precision)
     monkeypatch.setattr(runtime, "compile_module", heads_broken)
-    config = DetectorConfig(**{**vars(eager.config), "sigma": 3.0})        # a graph no other test built
+    config = DetectorConfig(**{**vars(eager.config), "sigma": 3.0 + len(broken)})   # graphs no other test built
     reference = PFMDetector(config, runtime="torch")
     reference.load_tensors(eager.tensors())
     compiled = _twin(reference, config)
     maps_a, _ = compiled.anomaly_maps(paths[:1])
     maps_b, _ = reference.anomaly_maps(paths[:1])
-    assert compiled.runtime == "torch"
+    assert compiled.runtime == runs_on
     assert np.abs(maps_a - maps_b).max() < 0.1 * reference.threshold       # backbones still compiled
 
 
@@ -144,8 +169,9 @@ def test_warm_builds_everything_a_fit_and_predictions_need(data_dir, compilation
     detector = PFMDetector(config, runtime="openvino")
     references = category_files(data_dir, "bottle", "train/good", 3)
     detector.fit(references)
-    detector.predict(references[0])
     assert len(compilations) == 1 + backbones
+    detector.predict(references[0])                    # its own heads: all that is left to build
+    assert compilations[1 + backbones:] == ["FittedHeads"]
 
 
 def test_the_fit_learns_from_float32_features_whatever_predictions_compute_in(data_dir, monkeypatch):
