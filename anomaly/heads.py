@@ -90,8 +90,10 @@ class ScoringHeads(nn.Module):
         knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]    # (1, h_0, w_0)
         combined = (weights[0] * pfm / scales[0] + weights[1] * knn / scales[1]) / weights.sum()
         smoothed = gaussian_blur(combined, self.sigma * combined.shape[1] / 256)
-        smoothed = F.interpolate(smoothed[:, None], size=(self.size, self.size), mode="bilinear",
-                                 align_corners=False)[:, 0]                                # (1, S, S)
+        # F.interpolate's bilinear upsampling as two matrix products: the same map to 5e-7 in
+        # float32, 0.6 ms faster than OpenVINO's Interpolate on this single-channel map
+        rows, cols = (_linear_upsampling(n, self.size) for n in smoothed.shape[1:])
+        smoothed = (rows @ smoothed[0] @ cols.T)[None]                                      # (1, S, S)
         return pfm, knn, smoothed
 
     @staticmethod
@@ -102,6 +104,11 @@ class ScoringHeads(nn.Module):
             else:
                 x = F.relu(x)
         return x
+
+
+def _linear_upsampling(n_in: int, n_out: int) -> torch.Tensor:
+    """(n_out, n_in) matrix of F.interpolate's linear interpolation (align_corners=False) along one axis."""
+    return F.interpolate(torch.eye(n_in)[:, None, :], size=n_out, mode="linear", align_corners=False)[:, 0, :].T
 
 
 class FittedHeads(nn.Module):
