@@ -22,7 +22,7 @@ from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
 from .calibration import calibrated_threshold
 from .compute import CPU_TURN
 from .heads import compiled_heads, fitted_heads, mapping_parameters
-from .image_io import ImageLike, load_image
+from .image_io import ImageLike, load_image, resize_image
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
 from .postprocess import normalize, resize_map
@@ -130,11 +130,11 @@ def to_tensor(images: Sequence[Image.Image], size: int, resize: str = "stretch"
         if resize == "pad":
             scale = size / max(im.width, im.height)
             w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
-            small = np.asarray(im.resize((w, h), Image.BILINEAR))
+            small = np.asarray(resize_image(im, (w, h)))
             arrays.append(np.pad(small, ((0, size - h), (0, size - w), (0, 0)), mode="symmetric"))
             content.append((h, w))
         else:
-            arrays.append(np.asarray(im.resize((size, size), Image.BILINEAR)))
+            arrays.append(np.asarray(resize_image(im, (size, size))))
             content.append((size, size))
     # in NumPy: a multi-threaded torch op here would leave OpenMP's threads spinning on the
     # cores that a compiled runtime is about to use (see FeatureExtractor.unnormalised)

@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from .image_io import resize_image
+
 
 def normalize(x, threshold: float, lo: float, hi: float):
     """Raw scores -> [0, 1], piecewise linear: lo -> 0, threshold -> 0.5, hi -> 1, clipped.
@@ -41,11 +43,11 @@ def normalize(x, threshold: float, lo: float, hi: float):
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(h, w) float32 map -> (H, W) float32 by Pillow's bilinear resize (``size`` is PIL's
     (W, H)): when enlarging, torch's bilinear interpolation (align_corners=False) to ~3e-5; when
-    shrinking, antialiased. Single-threaded: no OpenMP threads left spinning (see
-    ``FeatureExtractor.unnormalised``)."""
+    shrinking, antialiased. In Pillow (``image_io.resize_image``), not torch: no OpenMP threads left
+    spinning (see ``FeatureExtractor.unnormalised``)."""
     if amap.shape == (size[1], size[0]):
         return amap
-    return np.asarray(Image.fromarray(np.asarray(amap, dtype=np.float32)).resize(size, Image.BILINEAR),
+    return np.asarray(resize_image(Image.fromarray(np.asarray(amap, dtype=np.float32)), size),
                       dtype=np.float32)
 
 

@@ -41,7 +41,7 @@ from PIL import Image
 
 from .detector import DetectorConfig, FitReport, PFMDetector
 from .image_io import ImageLike, load_image
-from .postprocess import auroc, best_threshold, binary_mask, normalize
+from .postprocess import auroc, best_threshold, binary_mask, normalize, resize_map
 from .settings import (DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR, PARTS_TURN_ROTATION,
                        SMALL_DEFECTS_SIZE, THUMB_SIDE, WORK_SIDE)
 from .settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
@@ -423,11 +423,7 @@ class InspectionSession:
 
     def result_map(self, result: Result) -> np.ndarray:
         """(H, W) float32 anomaly map at the size of the result's (kept) image."""
-        amap = result.anomaly_map
-        size = result.image.size
-        if amap.shape == (size[1], size[0]):
-            return amap
-        return np.asarray(Image.fromarray(amap).resize(size, Image.BILINEAR), dtype=np.float32)
+        return resize_map(result.anomaly_map, result.image.size)
 
     def area_above(self, result: Result) -> float:
         """Fraction of the image whose map value is above the threshold."""
