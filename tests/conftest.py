@@ -23,6 +23,21 @@ def data_dir() -> Path:
     return root
 
 
+@pytest.fixture
+def compilations(monkeypatch):
+    """The class names of the modules compiled for OpenVINO while the test runs, in order."""
+    from anomaly import runtime
+
+    names = []
+    real = runtime.compile_module
+
+    def counting(module, inputs, dynamic, precision):
+        names.append(type(module).__name__)
+        return real(module, inputs, dynamic, precision)
+    monkeypatch.setattr(runtime, "compile_module", counting)
+    return names
+
+
 def category_files(root: Path, category: str, split: str, n: int | None = None) -> list[Path]:
     files = sorted(p for p in (root / category / split).iterdir() if p.is_file())
     return files[:n] if n else files

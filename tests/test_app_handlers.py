@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly import runtime
 from anomaly import session as session_module
 from anomaly.examples import example_sets
 from anomaly.detector import DetectorConfig
@@ -670,23 +669,16 @@ def test_marks_find_their_result_by_name_and_refits_redraw_thumbnails(brick, mon
     assert all(after[name] != before[name] for name in after)
 
 
-def test_a_fresh_fit_prepares_its_predictions_before_the_first_inspection(brick, monkeypatch):
+def test_a_fresh_fit_prepares_its_predictions_before_the_first_inspection(brick, compilations):
     """With nothing to rescore, the fitted detector's own graph is built in the background, so
     the first inspection compiles nothing."""
-    compiled = []
-    real = runtime.compile_module
-
-    def counting(module, inputs, dynamic, precision):
-        compiled.append(type(module).__name__)
-        return real(module, inputs, dynamic, precision)
-    monkeypatch.setattr(runtime, "compile_module", counting)
     s = InspectionSession()
     s.set_references(brick.references[:3])
     s.fit()
     for thread in threading.enumerate():
         if thread.name == "warm-detector":
             thread.join()
-    assert compiled[-1:] == ["FittedHeads"]
-    before = len(compiled)
+    assert compilations[-1:] == ["FittedHeads"]
+    before = len(compilations)
     assert s.inspect([("a.png", brick.tests[0])]) == (1, [])
-    assert len(compiled) == before
+    assert len(compilations) == before

@@ -19,19 +19,6 @@ def fitted(data_dir):
     return eager, paths
 
 
-@pytest.fixture
-def compilations(monkeypatch):
-    """The class names of the modules compiled while the test runs, in order."""
-    names = []
-    real = runtime.compile_module
-
-    def counting(module, inputs, dynamic, precision):
-        names.append(type(module).__name__)
-        return real(module, inputs, dynamic, precision)
-    monkeypatch.setattr(runtime, "compile_module", counting)
-    return names
-
-
 def _twin(eager: PFMDetector, config: DetectorConfig | None = None) -> PFMDetector:
     compiled = PFMDetector(config or eager.config, runtime="openvino")
     compiled.load_tensors(eager.tensors())
