@@ -11,6 +11,7 @@ same graph as the predictions it calibrates.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -130,19 +131,23 @@ class FittedHeads(nn.Module):
 
 
 _lock = threading.Lock()
-_graphs: dict[tuple, CompiledModule] = {}
+_graphs: OrderedDict[tuple, CompiledModule] = OrderedDict()
+MAX_GRAPHS = 8        # (architecture, size, sigma) kept; a detector holds on to its own
 
 
 def compiled_heads(mappings: PFMMappings, sigma: float, size: int) -> CompiledModule:
     """The compiled ``ScoringHeads`` for detectors whose nets are shaped like ``mappings``,
     shared by all of them in this process (a graph per feature size, built on first use; the
-    bank's length may vary)."""
+    bank's length may vary); the ``MAX_GRAPHS`` most recently asked for are kept."""
     key = (tuple(tuple(p.shape) for p in mappings.parameters()), mappings.use_position_encoding,
            float(sigma), int(size))
     with _lock:
         if key not in _graphs:
             heads = ScoringHeads(mappings, sigma, size)
             _graphs[key] = CompiledModule("scoring heads", heads, dynamic={6 + heads.n_parameters: (0,)})
+            if len(_graphs) > MAX_GRAPHS:
+                _graphs.popitem(last=False)
+        _graphs.move_to_end(key)
         return _graphs[key]
 
 

@@ -5,6 +5,7 @@ import torch
 
 from anomaly import DetectorConfig, PFMDetector, runtime
 from anomaly.detector import to_tensor
+from anomaly import heads as heads_module
 from anomaly.heads import FittedHeads, ScoringHeads
 from anomaly.image_io import load_image
 from conftest import category_files
@@ -172,3 +173,17 @@ def test_the_fit_learns_from_float32_features_whatever_predictions_compute_in(da
     float32 = PFMDetector(config, runtime="openvino")
     float32.fit(references)
     torch.testing.assert_close(default.bank, float32.bank, rtol=0, atol=0)
+
+
+def test_the_shared_heads_graphs_are_capped(monkeypatch):
+    """One shared graph per (architecture, size, sigma); the MAX_GRAPHS most recently asked for
+    are kept."""
+    monkeypatch.setattr(heads_module, "_graphs", type(heads_module._graphs)())
+    monkeypatch.setattr(heads_module, "MAX_GRAPHS", 2)
+    heads = lambda sigma: PFMDetector(DetectorConfig(sigma=sigma), runtime="openvino")._heads
+    first, second = heads(1.0), heads(2.0)
+    assert heads(1.0) is first                      # shared, and now the most recent
+    third = heads(3.0)                              # drops sigma 2, the least recent
+    assert len(heads_module._graphs) == 2
+    assert heads(1.0) is first and heads(3.0) is third
+    assert heads(2.0) is not second                 # built again
