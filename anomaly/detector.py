@@ -290,14 +290,7 @@ class PFMDetector:
             bank = torch.zeros(1, self.embedding_channels)
         shared = mapping_parameters(mappings) + [bank.numpy(), scales.numpy().astype(np.float32),
                                                   np.array(SCORES[self.config.score], np.float32)]
-        per_image = []
-        for i in range(source[0].shape[0]):
-            features = [np.ascontiguousarray(f[i:i + 1].numpy()) for f in (*source, *target)]
-            outputs = self._heads.run(features + shared)
-            if outputs is None:
-                return None
-            per_image.append(outputs)
-        return [torch.from_numpy(np.concatenate(maps)) for maps in zip(*per_image)]
+        return _per_image(self._heads, [*source, *target], shared)
 
     def _fitted_heads(self) -> CompiledModule | None:
         """The scoring heads compiled with this detector's fitted nets, bank and scales as
@@ -316,15 +309,8 @@ class PFMDetector:
         """Raw (source, target) features per level -> (B, S, S) final maps by ``_fitted_heads``,
         image by image; None where they do not run."""
         heads = self._fitted_heads()
-        if heads is None:
-            return None
-        maps = []
-        for i in range(features[0][0].shape[0]):
-            outputs = heads.run([np.ascontiguousarray(f[i:i + 1].numpy()) for f in (*features[0], *features[1])])
-            if outputs is None:
-                return None
-            maps.append(outputs[2])
-        return torch.from_numpy(np.concatenate(maps))
+        outputs = None if heads is None else _per_image(heads, [*features[0], *features[1]])
+        return None if outputs is None else outputs[2]
 
     def _smoothed(self, components: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
         """``_components`` -> (B, S, S) final anomaly maps."""
@@ -489,6 +475,20 @@ class PFMDetector:
             out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)),
                                   bool(score > thr), thr))
         return out[0] if single else out
+
+
+def _per_image(heads: CompiledModule, features: list[torch.Tensor], constants: Sequence[np.ndarray] = ()
+               ) -> list[torch.Tensor] | None:
+    """A compiled heads graph run image by image: raw features per level [(B, C_l, h_l, w_l)]
+    (source levels, then target levels) and the inputs every image shares -> its outputs, each
+    concatenated over the batch; None where the graph does not run."""
+    per_image = []
+    for i in range(features[0].shape[0]):
+        outputs = heads.run([np.ascontiguousarray(f[i:i + 1].numpy()) for f in features] + list(constants))
+        if outputs is None:
+            return None
+        per_image.append(outputs)
+    return [torch.from_numpy(np.concatenate(maps)) for maps in zip(*per_image)]
 
 
 def unit(features: list[torch.Tensor]) -> list[torch.Tensor]:
