@@ -727,7 +727,8 @@ def preload_models():
             PFMDetector(session.detector_config()).warm()
         except Exception:  # the first fit will report it to the user
             log.exception("preloading the %s backbones failed", DEFAULT_PAIR)
-    threading.Thread(target=load, name="preload-models", daemon=True).start()
+    # not a daemon: a process that exits while the thread is inside OpenVINO aborts
+    threading.Thread(target=load, name="preload-models").start()
 
 
 if __name__ == "__main__":

@@ -673,14 +673,16 @@ def _score(detector: PFMDetector, images: list[Image.Image], progress: Progress 
 
 
 def _warm_in_background(detector: PFMDetector) -> None:
-    """``detector.warm()`` on a daemon thread (an inspection that comes meanwhile waits for the
-    graph being built, then goes ahead)."""
+    """``detector.warm()`` on its own thread (an inspection that comes meanwhile waits for the
+    graph being built, then goes ahead). Not a daemon: a process that exits while the thread is
+    inside OpenVINO aborts ("terminate called without an active exception"), so exit waits for
+    it (about 0.3 s)."""
     def warm():
         try:
             detector.warm()
         except Exception:  # the first inspection will report it to the user
             log.exception("preparing the detector's predictions failed")
-    threading.Thread(target=warm, name="warm-detector", daemon=True).start()
+    threading.Thread(target=warm, name="warm-detector").start()
 
 
 def _scaled(progress: Progress | None, start: float, end: float) -> Progress | None:

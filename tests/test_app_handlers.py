@@ -682,3 +682,18 @@ def test_a_fresh_fit_prepares_its_predictions_before_the_first_inspection(brick,
     before = len(compilations)
     assert s.inspect([("a.png", brick.tests[0])]) == (1, [])
     assert len(compilations) == before
+
+
+def test_a_process_that_ends_right_after_a_fit_exits_cleanly(brick):
+    """The fitted detector's graph is being built in the background when the script ends: the
+    process waits for it instead of aborting inside OpenVINO."""
+    script = ("from anomaly.session import InspectionSession\n"
+              "from anomaly.examples import example_sets\n"
+              "s = InspectionSession()\n"
+              "s.set_references(example_sets()['brick_wall'].references[:3])\n"
+              "s.fit()\n")
+    env = {**os.environ, CONFIG_ENV: json.dumps(FAST_CONFIG)}
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-2000:]
