@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -95,16 +94,15 @@ class FeatureExtractor(nn.Module):
         return "torch" if self._compiled is None or self._compiled.failed_shapes else "openvino"
 
     @torch.inference_mode()
-    def unnormalised(self, images: torch.Tensor, precision: str | None = None,
-                     threads: int | None = None) -> list[torch.Tensor]:
+    def unnormalised(self, images: torch.Tensor, precision: str | None = None) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], as the body
         gives them, computed by ``runtime`` (OpenVINO: in ``precision``, default
-        ``anomaly.runtime.default_precision()``, on ``threads``, default all of torch's)."""
+        ``anomaly.runtime.default_precision()``)."""
         if self._compiled is not None and images.shape[0]:
             # no torch op here: a multi-threaded one would leave OpenMP's threads spinning on
             # the cores that OpenVINO is about to use (1.5-2x slower)
             pixels = images.numpy()
-            per_image = [self._compiled.run([np.ascontiguousarray(pixels[i:i + 1])], precision, threads)
+            per_image = [self._compiled.run([np.ascontiguousarray(pixels[i:i + 1])], precision)
                          for i in range(len(pixels))]
             if per_image[0] is not None:
                 return [torch.from_numpy(np.concatenate(level)) for level in zip(*per_image)]
@@ -268,31 +266,16 @@ class BackbonePair(NamedTuple):
                  chunk: int = 4, precision: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(N, 3, S, S) in [0, 1] -> source and target features per level [(N, C_l, h_l, w_l)]
         as the networks give them (not normalised), ``chunk`` images at a time (on OpenVINO in
-        ``precision``, see ``FeatureExtractor.unnormalised``).
-
-        On OpenVINO with 2 or more threads the two networks run side by side, each on half of
-        them: a network on 2 threads waits at every layer for the slower of its 2 cores, and
-        where the machine's other vCPU is busy (shared cloud cores), that took both networks
-        from 9.4 ms to 14 ms; side by side they take 9.7 ms on an idle machine and 10.3 ms on a busy one."""
-        threads = torch.get_num_threads()
-        lanes = self.runtime == "openvino" and threads >= 2
+        ``precision``, see ``FeatureExtractor.unnormalised``)."""
         parts_s, parts_t = [], []
         for start in range(0, images.shape[0], chunk):
             batch = images[start:start + chunk]
             with CPU_TURN:
-                if lanes:
-                    source = _LANE.submit(self.source.unnormalised, batch, precision, threads // 2)
-                    parts_t.append(self.target.unnormalised(batch, precision, threads - threads // 2))
-                    parts_s.append(source.result())
-                else:
-                    parts_s.append(self.source.unnormalised(batch, precision))
-                    parts_t.append(self.target.unnormalised(batch, precision))
+                parts_s.append(self.source.unnormalised(batch, precision))
+                parts_t.append(self.target.unnormalised(batch, precision))
             if progress:
                 progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
         return _concatenated(parts_s), _concatenated(parts_t)
-
-
-_LANE = ThreadPoolExecutor(1, thread_name_prefix="source-backbone")     # beside the caller's target
 
 
 def _concatenated(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:

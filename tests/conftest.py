@@ -31,9 +31,9 @@ def compilations(monkeypatch):
     names = []
     real = runtime.compile_module
 
-    def counting(module, inputs, dynamic, precision, threads=None):
+    def counting(module, inputs, dynamic, precision):
         names.append(type(module).__name__)
-        return real(module, inputs, dynamic, precision, threads)
+        return real(module, inputs, dynamic, precision)
     monkeypatch.setattr(runtime, "compile_module", counting)
     return names
 
