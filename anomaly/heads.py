@@ -169,7 +169,7 @@ BANK_CHUNKS = 8        # parts of a fitted detector's bank searched one after an
 
 def fitted_heads(mappings: PFMMappings, bank: torch.Tensor, scales: torch.Tensor, weights: tuple[float, float],
                  sigma: float, size: int) -> CompiledModule:
-    """``FittedHeads`` of one fitted detector, compiled on first use (about 0.3 s here)."""
+    """``FittedHeads`` of one fitted detector, compiled on first use (about 0.5 s here)."""
     constants = mapping_parameters(mappings) + [bank.numpy(), scales.numpy(), np.array(weights, np.float32)]
     heads = ScoringHeads(mappings, sigma, size, bank_chunks=min(BANK_CHUNKS, len(bank)))
     return CompiledModule("fitted scoring heads", FittedHeads(heads, constants))

@@ -676,7 +676,7 @@ def _warm_in_background(detector: PFMDetector) -> None:
     """``detector.warm()`` on its own thread (an inspection that comes meanwhile waits for the
     graph being built, then goes ahead). Not a daemon: a process that exits while the thread is
     inside OpenVINO aborts ("terminate called without an active exception"), so exit waits for
-    it (about 0.3 s)."""
+    it (about 0.5 s)."""
     def warm():
         try:
             detector.warm()
