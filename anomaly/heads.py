@@ -102,10 +102,10 @@ class ScoringHeads(nn.Module):
     def _nearest_squared(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """(Q, D) queries, (M, D) bank -> (Q,) min over the bank of |b|^2 - 2 q.b."""
         bank_sq = bank.pow(2).sum(1)                                                        # (M,)
-        if self.bank_chunks == 1:          # the bank's length may vary
-            return (bank_sq[None] - 2.0 * queries @ bank.T).amin(1)
+        parts = (zip(bank.chunk(self.bank_chunks), bank_sq.chunk(self.bank_chunks)) if self.bank_chunks > 1
+                 else [(bank, bank_sq)])          # not chunk(1): a bank whose length varies stays whole
         nearest = None
-        for part, part_sq in zip(bank.chunk(self.bank_chunks), bank_sq.chunk(self.bank_chunks)):
+        for part, part_sq in parts:
             d2 = (part_sq[None] - 2.0 * queries @ part.T).amin(1)
             nearest = d2 if nearest is None else torch.minimum(nearest, d2)
         return nearest
