@@ -85,24 +85,24 @@ class FeatureExtractor(nn.Module):
         self.eval()
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime {runtime!r} unknown; choose one of {RUNTIMES}")
-        self._compiled = CompiledModule(name, self.normalised) if runtime == "openvino" else None
+        self.compiled = CompiledModule(name, self.normalised) if runtime == "openvino" else None
 
     @property
     def runtime(self) -> str:
         """Where the network runs: "openvino", or "torch" (also once an export failed for
         some input size, which then runs in PyTorch)."""
-        return "torch" if self._compiled is None or self._compiled.failed_shapes else "openvino"
+        return "torch" if self.compiled is None or self.compiled.failed_shapes else "openvino"
 
     @torch.inference_mode()
     def unnormalised(self, images: torch.Tensor, precision: str | None = None) -> list[torch.Tensor]:
         """images (B, 3, H, W) in [0, 1] -> [(B, C_l, H/s_l, W/s_l) for l in 0..2], as the body
         gives them, computed by ``runtime`` (OpenVINO: in ``precision``, default
         ``anomaly.runtime.default_precision()``)."""
-        if self._compiled is not None and images.shape[0]:
+        if self.compiled is not None and images.shape[0]:
             # no torch op here: a multi-threaded one would leave OpenMP's threads spinning on
             # the cores that OpenVINO is about to use (1.5-2x slower)
             pixels = images.numpy()
-            per_image = [self._compiled.run([np.ascontiguousarray(pixels[i:i + 1])], precision)
+            per_image = [self.compiled.run([np.ascontiguousarray(pixels[i:i + 1])], precision)
                          for i in range(len(pixels))]
             if per_image[0] is not None:
                 return [torch.from_numpy(np.concatenate(level)) for level in zip(*per_image)]
@@ -266,16 +266,47 @@ class BackbonePair(NamedTuple):
                  chunk: int = 4, precision: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(N, 3, S, S) in [0, 1] -> source and target features per level [(N, C_l, h_l, w_l)]
         as the networks give them (not normalised), ``chunk`` images at a time (on OpenVINO in
-        ``precision``, see ``FeatureExtractor.unnormalised``)."""
+        ``precision``, see ``FeatureExtractor.unnormalised``).
+
+        On OpenVINO with 2 or more threads the two networks run side by side, each on half of
+        them (``side_by_side``)."""
+        threads = torch.get_num_threads()
         parts_s, parts_t = [], []
         for start in range(0, images.shape[0], chunk):
             batch = images[start:start + chunk]
             with CPU_TURN:
-                parts_s.append(self.source.unnormalised(batch, precision))
-                parts_t.append(self.target.unnormalised(batch, precision))
+                both = self.side_by_side(batch, precision, threads) if threads >= 2 else None
+                parts_s.append(both[0] if both else self.source.unnormalised(batch, precision))
+                parts_t.append(both[1] if both else self.target.unnormalised(batch, precision))
             if progress:
                 progress(min(1.0, (start + chunk) / images.shape[0]), "extracting features")
         return _concatenated(parts_s), _concatenated(parts_t)
+
+    def side_by_side(self, images: torch.Tensor, precision: str | None, threads: int
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """``features`` of one chunk with the two networks running at once on OpenVINO, the
+        source on ``threads // 2`` threads (on OpenVINO's own thread), the target on the rest
+        (on this one), one image at a time; None where either network does not run on
+        OpenVINO. On 2 threads a network waits at every layer for the slower of its 2 cores, and
+        where the machine's other vCPU is busy (shared cloud cores) that took both networks
+        from 9.9 to 13.9 ms here; side by side they take 10.0 ms either way, with the same
+        features."""
+        if self.runtime != "openvino" or not images.shape[0]:
+            return None
+        pixels = images.numpy()
+        per_image = []
+        for i in range(len(pixels)):
+            one = [np.ascontiguousarray(pixels[i:i + 1])]
+            source = self.source.compiled.start(one, precision, threads // 2)
+            try:
+                target = self.target.compiled.run(one, precision, threads - threads // 2)
+            finally:                                # the source's graph is free again
+                source = source() if source else None
+            if source is None or target is None:    # OpenVINO could not build a graph
+                return None
+            per_image.append((source, target))
+        return tuple([torch.from_numpy(np.concatenate(level)) for level in zip(*network)]
+                     for network in zip(*per_image))
 
 
 def _concatenated(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:

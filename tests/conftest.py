@@ -31,9 +31,9 @@ def compilations(monkeypatch):
     names = []
     real = runtime.compile_module
 
-    def counting(module, inputs, dynamic, precision):
+    def counting(module, inputs, dynamic, precision, threads=None):
         names.append(type(module).__name__)
-        return real(module, inputs, dynamic, precision)
+        return real(module, inputs, dynamic, precision, threads)
     monkeypatch.setattr(runtime, "compile_module", counting)
     return names
 

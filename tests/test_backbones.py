@@ -1,4 +1,6 @@
 """The default backbones carry real ImageNet weights, mapped onto timm correctly."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -120,11 +122,11 @@ def test_a_failed_export_falls_back_to_pytorch_for_that_size(monkeypatch):
     from anomaly import backbones, runtime
     real, exported = runtime.compile_module, []
 
-    def broken_at_64(module, inputs, dynamic, precision):
+    def broken_at_64(module, inputs, dynamic, precision, threads=None):
         if inputs[0].shape[2] == 64:
             raise RuntimeError("exporter broke")
         exported.append(inputs[0].shape[2])
-        return real(module, inputs, dynamic, precision)
+        return real(module, inputs, dynamic, precision, threads)
     monkeypatch.setattr(runtime, "compile_module", broken_at_64)
     monkeypatch.setenv("ANOMALY_PRECISION", "f32")
     torch_extractor = backbones.load_extractor("efficientnet_lite0", "torch")
@@ -145,9 +147,9 @@ def test_each_size_is_compiled_once_and_kept(monkeypatch):
     compiled = []
     real = runtime.compile_module
 
-    def counting(module, inputs, dynamic, precision):
+    def counting(module, inputs, dynamic, precision, threads=None):
         compiled.append(inputs[0].shape[2])
-        return real(module, inputs, dynamic, precision)
+        return real(module, inputs, dynamic, precision, threads)
     monkeypatch.setattr(runtime, "compile_module", counting)
     body = backbones.load_extractor("efficientnet_lite0", "torch")
     extractor = backbones.FeatureExtractor("lite0", body.body, body.channels, body.strides,
@@ -164,3 +166,43 @@ def test_each_size_is_compiled_once_and_kept(monkeypatch):
     assert compiled == [64, *sizes, 64] + ([64] if runtime.native_bf16() else [])
     assert extractor.runtime == "openvino"
     assert [f.shape[0] for f in extractor.unnormalised(torch.rand(0, 3, 64, 64))] == [0, 0, 0]
+
+
+def test_the_two_networks_run_side_by_side_on_half_the_threads_each(data_dir, monkeypatch):
+    """On OpenVINO with 2 threads, each network runs on 1 of them, unpinned, beside the other
+    (robust to a busy vCPU), starting no Python thread, and gives the features it gives on both
+    threads; on 1 thread they run one after the other."""
+    from anomaly import runtime
+    from anomaly.detector import to_tensor
+    from anomaly.image_io import load_image
+    from conftest import category_files
+    real, lanes = runtime.compile_module, []
+
+    def recording(module, inputs, dynamic, precision, threads=None):
+        compiled = real(module, inputs, dynamic, precision, threads)
+        lanes.append((threads, compiled.get_property("ENABLE_CPU_PINNING")))
+        return compiled
+    monkeypatch.setattr(runtime, "compile_module", recording)
+    pair = load_pair("effnet-lite", "openvino")
+    x, _ = to_tensor([load_image(p) for p in category_files(data_dir, "bottle", "test/good", 3)], 176)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        python_threads = set(threading.enumerate())
+        side_by_side = pair.features(x)
+        assert lanes == [(1, False), (1, False)]
+        # the source runs on OpenVINO's own thread: a Python thread of ours that ran torch
+        # work would keep an OpenMP pool, and libgomp would stop spinning for the process
+        assert set(threading.enumerate()) == python_threads
+        one_after_the_other = pair.source.unnormalised(x), pair.target.unnormalised(x)
+        assert lanes[2:] == [(2, True), (2, True)]
+        for a, b in zip(side_by_side, one_after_the_other):
+            for level_a, level_b in zip(a, b):
+                torch.testing.assert_close(level_a, level_b, rtol=0, atol=1e-5 * float(level_b.abs().max()))
+        torch.set_num_threads(1)                     # one after the other, on the lanes' graphs
+        for a, b in zip(pair.features(x), side_by_side):
+            for level_a, level_b in zip(a, b):
+                torch.testing.assert_close(level_a, level_b, rtol=0, atol=0)
+        assert len(lanes) == 4
+    finally:
+        torch.set_num_threads(before)

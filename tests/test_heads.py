@@ -123,10 +123,10 @@ def test_heads_that_fail_to_compile_leave_the_detector_working(fitted, monkeypat
     eager, paths = fitted
     real = runtime.compile_module
 
-    def heads_broken(module, inputs, dynamic, precision):
+    def heads_broken(module, inputs, dynamic, precision, threads=None):
         if isinstance(module, broken):
             raise RuntimeError("compiler broke")
-        return real(module, inputs, dynamic, precision)
+        return real(module, inputs, dynamic, precision, threads)
     monkeypatch.setattr(runtime, "compile_module", heads_broken)
     config = DetectorConfig(**{**vars(eager.config), "sigma": 3.0 + len(broken)})   # graphs no other test built
     reference = PFMDetector(config, runtime="torch")
