@@ -206,3 +206,33 @@ def test_the_two_networks_run_side_by_side_on_half_the_threads_each(data_dir, mo
         assert len(lanes) == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_pair_whose_source_fails_to_export_gives_pytorchs_features_and_stays_usable(monkeypatch):
+    """Side by side, a network that OpenVINO cannot build runs in PyTorch, and neither graph is
+    left held by the failed or the finished run (a second call answers, the same)."""
+    from anomaly import backbones, runtime
+    real = runtime.compile_module
+
+    def source_broken(module, inputs, dynamic, precision, threads=None):
+        if module is pair.source.normalised:
+            raise RuntimeError("exporter broke")
+        return real(module, inputs, dynamic, precision, threads)
+    monkeypatch.setattr(runtime, "compile_module", source_broken)
+    monkeypatch.setenv("ANOMALY_PRECISION", "f32")
+    reference = [backbones.load_extractor(n, "torch") for n in ("efficientnet_lite0", "efficientnet_lite1")]
+    pair = backbones.BackbonePair(*(backbones.FeatureExtractor(e.name, e.body, e.channels, e.strides,
+                                                               backbones.EFFNET_LITE_NORM, "openvino")
+                                    for e in reference))
+    x = torch.rand(2, 3, 80, 80)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(2):
+            source, target = pair.features(x)
+            for features, extractor in zip((source, target), reference):
+                for a, b in zip(features, extractor.unnormalised(x)):
+                    torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * float(b.abs().max()))
+    finally:
+        torch.set_num_threads(before)
+    assert pair.source.runtime == "torch" and pair.target.runtime == "openvino"
