@@ -105,7 +105,7 @@ class FeatureExtractor(nn.Module):
             per_image = [self.compiled.run([np.ascontiguousarray(pixels[i:i + 1])], precision)
                          for i in range(len(pixels))]
             if per_image[0] is not None:
-                return [torch.from_numpy(np.concatenate(level)) for level in zip(*per_image)]
+                return _stacked(per_image)
         return self.normalised(images)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -305,8 +305,12 @@ class BackbonePair(NamedTuple):
             if source is None or target is None:    # OpenVINO could not build a graph
                 return None
             per_image.append((source, target))
-        return tuple([torch.from_numpy(np.concatenate(level)) for level in zip(*network)]
-                     for network in zip(*per_image))
+        return tuple(_stacked(network) for network in zip(*per_image))
+
+
+def _stacked(per_image: list[list[np.ndarray]]) -> list[torch.Tensor]:
+    """One network's outputs image by image [[(1, C_l, h_l, w_l) per level]] -> [(B, C_l, h_l, w_l)]."""
+    return [torch.from_numpy(np.concatenate(level)) for level in zip(*per_image)]
 
 
 def _concatenated(parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
