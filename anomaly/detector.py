@@ -10,7 +10,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
-from .calibration import calibrated_threshold
+from .calibration import GoodScoreModel, verdict
 from .compute import CPU_TURN
 from .heads import compiled_heads, fitted_heads, mapping_parameters
 from .image_io import ImageLike, load_image, resize_image
@@ -27,7 +27,7 @@ from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappin
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
 from .postprocess import normalize, resize_map
 from .runtime import CompiledModule, default_runtime
-from .scoring import SCORES, combine, image_scores, smooth
+from .scoring import SCORES, combine, image_scores, smooth, smooth_array
 from .serialization import load_detector, save_detector
 from .settings import DEFAULT_IMAGE_SIZE
 from .settings import MAX_FIT_REFERENCES as MAX_REFERENCES
@@ -35,6 +35,7 @@ from .settings import MAX_FIT_REFERENCES as MAX_REFERENCES
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+LEAVE_ONE_OUT_MAX = 32    # references scored leave-one-out for the calibration, at most
 SCORING_CHUNK = 4          # held-out views scored per turn on the CPU (see compute.CPU_TURN)
 FIT_PRECISION = "f32"      # the training views' features: the bank and the nets learn from
                            # float32 features even where predictions run in bfloat16 (see README)
@@ -65,14 +66,18 @@ class DetectorConfig:
     bank_size: int = 4096               # memory bank vectors kept by greedy coreset selection
     sigma: float = 4.0                  # Gaussian smoothing of the map, in pixels at 256 px
     holdout_steps: float = 0.6          # steps before the held-out references join training
-    threshold_margin: float = 0.05      # threshold = max held-out score * (1 + margin)
+    false_alarm_budget: float = 0.05    # expected share of good parts not called OK (REVIEW or
+                                        # DEFECT): the threshold is that quantile of good scores
+    defect_rate_ratio: float = 0.1      # DEFECT above the score that this share of the budget's
+                                        # good parts reach; REVIEW between the two thresholds
     single_reference_margin: float = 0.25  # k = 1: augmented views score this much lower
     seed: int = 0
 
     RANGES = {"image_size": (64, 1024), "latent_ratio": (0.05, 2.0), "min_latent": (1, 512),
               "views": (1, 1000), "rotation": (0.0, 180.0), "shift": (0.0, 0.5), "steps": (1, 10_000),
               "batch": (1, 8192), "lr": (1e-6, 1.0), "weight_decay": (0.0, 1.0), "bank_size": (16, 65_536),
-              "sigma": (0.0, 32.0), "holdout_steps": (0.01, 0.99), "threshold_margin": (0.0, 10.0),
+              "sigma": (0.0, 32.0), "holdout_steps": (0.01, 0.99), "false_alarm_budget": (1e-4, 0.5),
+              "defect_rate_ratio": (1e-3, 1.0),
               "single_reference_margin": (0.0, 10.0), "seed": (0, 2**31 - 1)}
 
     def __post_init__(self) -> None:
@@ -102,18 +107,23 @@ class FitReport:
 
 @dataclass
 class Prediction:
-    """One scored image. anomaly_map is (H, W) float32; pred_label True means defect."""
+    """One scored image. anomaly_map is (H, W) float32; ``verdict`` is OK (score <= threshold),
+    REVIEW or DEFECT (score > defect_threshold); pred_label is True unless the verdict is OK."""
 
     anomaly_map: np.ndarray
     pred_score: float
     norm_score: float
-    pred_label: bool
     threshold: float
+    defect_threshold: float
     extras: dict = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
-        return "DEFECT" if self.pred_label else "OK"
+        return verdict(self.pred_score, self.threshold, self.defect_threshold)
+
+    @property
+    def pred_label(self) -> bool:
+        return self.pred_score > self.threshold
 
 
 def to_tensor(images: Sequence[Image.Image], size: int, resize: str = "stretch"
@@ -190,8 +200,10 @@ class PFMDetector:
                        if runtime == "openvino" else None)
         self.bank = torch.empty(0, self.embedding_channels)
         self.scales = torch.ones(2)
-        self.calibration_scores = torch.empty(0)
-        self._threshold = float("nan")
+        self.calibration_scores = torch.empty(0)     # (n,) the held-out references' views
+        self.reference_scores = torch.empty(0)       # (k,) each reference, leave-one-out
+        self.good_scores: GoodScoreModel | None = None
+        self._threshold = self._defect_threshold = float("nan")
         self._own_heads: tuple[tuple, CompiledModule] | None = None     # (fitted state, its graph)
 
     def _new_mappings(self) -> PFMMappings:
@@ -220,8 +232,44 @@ class PFMDetector:
 
     @property
     def threshold(self) -> float:
+        """The OK / REVIEW boundary: the estimated score that ``false_alarm_budget`` of good
+        parts exceed."""
         self._require_fitted()
         return self._threshold
+
+    @property
+    def defect_threshold(self) -> float:
+        """The REVIEW / DEFECT boundary (>= threshold)."""
+        self._require_fitted()
+        return self._defect_threshold
+
+    def expected_false_alarm_rate(self, threshold: float) -> float:
+        """Estimated share of good parts that score above ``threshold``."""
+        if self.good_scores is None:
+            self._require_fitted()
+        return self.good_scores.false_alarm_rate(threshold)
+
+    def defect_threshold_for(self, threshold: float) -> float:
+        """The DEFECT boundary that goes with an OK boundary ``threshold``: where the expected
+        false-alarm rate is ``defect_rate_ratio`` of ``threshold``'s (never below it)."""
+        rate = self.expected_false_alarm_rate(threshold) * self.config.defect_rate_ratio
+        if rate <= 0.0:
+            return float(threshold)
+        return max(float(threshold), self.good_scores.threshold_for(rate))
+
+    def thresholds_for(self, false_alarm_budget: float) -> tuple[float, float]:
+        """(threshold, defect_threshold) for a budget: the expected share of good parts that
+        are not called OK."""
+        if self.good_scores is None:
+            self._require_fitted()
+        threshold = float(np.float32(self.good_scores.threshold_for(false_alarm_budget)))
+        return threshold, float(np.float32(self.defect_threshold_for(threshold)))
+
+    def set_false_alarm_budget(self, false_alarm_budget: float) -> None:
+        """Re-threshold for another budget (the config records it; nothing is refitted)."""
+        thresholds = self.thresholds_for(false_alarm_budget)
+        self.config = replace(self.config, false_alarm_budget=float(false_alarm_budget))
+        self._threshold, self._defect_threshold = thresholds
 
     @property
     def score_range(self) -> tuple[float, float]:
@@ -233,9 +281,11 @@ class PFMDetector:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything fitted, by name: what a detector file holds besides the config."""
+        model = self.good_scores.as_array() if self.good_scores else np.full(2, np.nan)
         return {**{f"mappings.{k}": v for k, v in self.mappings.state_dict().items()},
                 "bank": self.bank, "scales": self.scales, "calibration_scores": self.calibration_scores,
-                "threshold": torch.tensor(self._threshold)}
+                "reference_scores": self.reference_scores, "good_score_model": torch.from_numpy(model),
+                "threshold": torch.tensor(self._threshold), "defect_threshold": torch.tensor(self._defect_threshold)}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Adopt ``tensors()`` of a detector with the same config (shapes checked by the caller)."""
@@ -245,7 +295,10 @@ class PFMDetector:
         self._own_heads = None                   # the nets changed in place
         self.bank, self.scales = tensors["bank"], tensors["scales"]
         self.calibration_scores = tensors["calibration_scores"]
+        self.reference_scores = tensors["reference_scores"]
+        self.good_scores = GoodScoreModel.from_array(tensors["good_score_model"].tolist())
         self._threshold = float(tensors["threshold"])
+        self._defect_threshold = float(tensors["defect_threshold"])
 
     def save(self, path) -> Path:
         """Write the fitted detector to one .safetensors file (no pickled objects)."""
@@ -283,7 +336,8 @@ class PFMDetector:
     def _compiled_maps(self, mappings: PFMMappings, bank: torch.Tensor, source: list[torch.Tensor],
                        target: list[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor] | None:
         """The scoring heads on the compiled runtime, image by image -> [PFM error (B, h_0, w_0),
-        bank distance (B, h_0, w_0), smoothed map (B, S, S)]; None where they run in PyTorch."""
+        bank distance (B, h_0, w_0), combined map unsmoothed (B, h_0, w_0)]; None where they run
+        in PyTorch."""
         if self._heads is None:
             return None
         if not len(bank):                      # a score without the bank: any vector will do
@@ -306,8 +360,8 @@ class PFMDetector:
         return self._own_heads[1]
 
     def _fitted_maps(self, features: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor | None:
-        """Raw (source, target) features per level -> (B, S, S) final maps by ``_fitted_heads``,
-        image by image; None where they do not run."""
+        """Raw (source, target) features per level -> (B, h_0, w_0) combined maps, unsmoothed, by
+        ``_fitted_heads``, image by image; None where they do not run."""
         heads = self._fitted_heads()
         outputs = None if heads is None else _per_image(heads, [*features[0], *features[1]])
         return None if outputs is None else outputs[2]
@@ -400,16 +454,41 @@ class PFMDetector:
         components = calibration[0]
         scales = torch.stack([c.mean() if c.any() else torch.tensor(1.0) for c in components])
         scores = image_scores(self._smoothed(components, scales)) * (1.0 + margin)
+        originals = torch.arange(k) * n_views                                              # view 0 of each
+        loo = self._leave_one_out(mappings, bank, reference[bank_view], scales,
+                                  [f[originals] for f in feats_s], [f[originals] for f in feats_t])
 
         self.mappings, self.bank, self.scales = mappings, bank, scales
-        self.calibration_scores = scores
-        self._threshold = calibrated_threshold(scores, cfg.threshold_margin)
+        self.calibration_scores, self.reference_scores = scores, loo
+        self.good_scores = GoodScoreModel.fit(scores.numpy(), loo.numpy(), k, max(1, held_out_count(k)))
+        self._threshold, self._defect_threshold = self.thresholds_for(cfg.false_alarm_budget)
         seconds = time.perf_counter() - started
         if progress:
             progress(1.0, "done")
-        log.info("fitted on %d references (%d views) in %.1f s, threshold %.4f",
-                 k, views.shape[0], seconds, self._threshold)
+        log.info("fitted on %d references (%d views) in %.1f s, thresholds %.4f / %.4f",
+                 k, views.shape[0], seconds, self._threshold, self._defect_threshold)
         return FitReport(k, views.shape[0], seconds, self._threshold, cfg.steps)
+
+    def _leave_one_out(self, mappings: PFMMappings, bank: torch.Tensor, bank_reference: torch.Tensor,
+                       scales: torch.Tensor, source: list[torch.Tensor], target: list[torch.Tensor]
+                       ) -> torch.Tensor:
+        """Each reference's original image scored by the fitted nets and the bank without that
+        reference's own vectors -> (k,) scores (empty for k = 1, where no bank remains).
+
+        ``bank_reference`` (M,): the reference each bank vector came from; ``source`` and
+        ``target``: the originals' raw features per level [(k, C_l, h_l, w_l)]. At most
+        ``LEAVE_ONE_OUT_MAX`` references, spread evenly, are scored."""
+        k = source[0].shape[0]
+        if k < 2:
+            return torch.empty(0)
+        chosen = torch.linspace(0, k - 1, min(k, LEAVE_ONE_OUT_MAX)).round().long().unique()
+        scores = []
+        for r in chosen.tolist():
+            others = bank[bank_reference != r] if SCORES[self.config.score][1] else bank
+            components = self._components(mappings, others, [f[r:r + 1] for f in source],
+                                          [f[r:r + 1] for f in target])
+            scores.append(image_scores(self._smoothed(components, scales)))
+        return torch.cat(scores)
 
     def _memory_bank(self, feats_s: list[torch.Tensor], progress: Progress | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,16 +515,19 @@ class PFMDetector:
 
     @torch.inference_mode()
     def _maps_of(self, pil: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """PIL images -> (maps (N, S, S) over each image's content, scores (N,))."""
+        """PIL images -> (maps (N, S, S) float32 over each image's content, scores (N,))."""
         S = self.config.image_size
         x, content = to_tensor(pil, S, self.config.resize)
         with CPU_TURN:
             features = self.backbones.features(x)
-            maps = self._fitted_maps(features)
-            if maps is None:
+            combined = self._fitted_maps(features)
+            if combined is None:
                 compiled = self._compiled_maps(self.mappings, self.bank, *features, self.scales)
-                maps = compiled[2] if compiled is not None else \
-                    self._smoothed(self._components(self.mappings, self.bank, *features), self.scales)
+                combined = None if compiled is None else compiled[2]
+            if combined is not None:       # smoothed in float32, whatever the graph computed in
+                maps = torch.from_numpy(smooth_array(combined.numpy(), self.config.sigma, S))
+            else:
+                maps = self._smoothed(self._components(self.mappings, self.bank, *features), self.scales)
         if self.config.resize == "pad":   # crop the mirrored margin, stretch the content to S x S
             maps = torch.cat([F.interpolate(m[None, None, :h, :w], size=(S, S), mode="bilinear",
                                             align_corners=False)[0] for m, (h, w) in zip(maps, content)])
@@ -466,14 +548,13 @@ class PFMDetector:
             return []
         pil = [load_image(im, name=f"image {i + 1}") for i, im in enumerate(batch)]
         maps, scores = self._maps_of(pil)
-        thr = self.threshold
+        thr, defect = self.threshold, self.defect_threshold
         lo, hi = self.score_range
         out = []
         for im, amap, score in zip(pil, maps, scores):
             if resolution == "input":
                 amap = resize_map(amap, im.size)
-            out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)),
-                                  bool(score > thr), thr))
+            out.append(Prediction(amap, float(score), float(normalize(float(score), thr, lo, hi)), thr, defect))
         return out[0] if single else out
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .calibration import verdict
 from .datasets import Category, discover, load_mask, reference_paths, test_samples
 from .detector import DetectorConfig, PFMDetector
 
 log = logging.getLogger(__name__)
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
-RATES = ("false_alarm_rate", "miss_rate")          # at the detector's calibrated threshold
+RATES = ("false_alarm_rate", "predicted_false_alarm_rate", "miss_rate", "review_rate",
+         "defect_false_alarm_rate", "defect_miss_rate", "miss_rate_at_5pct_false_alarms")
 ROW_KEYS = ("category", "shots", "seed", "backbone", *METRICS, "fit_seconds", "predict_ms",
             *RATES)
 _MEAN_KEYS = (*METRICS, *RATES, "fit_seconds", "predict_ms")
@@ -40,8 +42,13 @@ def evaluate_category(category_dir: Category | str | Path, shots: int, seed: int
     None unless every defective image has a mask; fit_seconds (wall time of fit, features
     included); predict_ms (median wall time of ``predict`` on one image at its own resolution,
     over ``timed_images`` test images spread over the test set, after one warm-up call);
-    false_alarm_rate (good test images called defective) and miss_rate (defective ones called
-    OK) at ``det.threshold``. ``detector_factory(config)`` builds the detector (tests pass a fake).
+    at the detector's calibrated thresholds: false_alarm_rate (good test images not called OK,
+    REVIEW counted as flagged), predicted_false_alarm_rate (what the detector expects that
+    rate to be), miss_rate (defective images called OK), review_rate (test images called
+    REVIEW), defect_false_alarm_rate and defect_miss_rate (REVIEW counted the other way: good
+    images called DEFECT, defective ones not called DEFECT); miss_rate_at_5pct_false_alarms
+    (misses at the threshold that flags 5 % of the good test images: the ranking's own limit).
+    ``detector_factory(config)`` builds the detector (tests pass a fake).
     """
     config = replace(config or DetectorConfig(), seed=seed)
     if batch_size < 1:
@@ -70,7 +77,7 @@ def evaluate_category(category_dir: Category | str | Path, shots: int, seed: int
         maps[first:first + len(batch_maps)] = batch_maps
         scores[first:first + len(batch_maps)] = batch_scores
     labels = np.array([s.label for s in samples])           # (N,) True = defective
-    called_defect = scores > detector.threshold             # the rule of Prediction.pred_label
+    verdicts = np.array([verdict(s, detector.threshold, detector.defect_threshold) for s in scores])
 
     row = {"category": category.name, "shots": shots, "seed": seed, "backbone": config.backbone,
            "image_auroc": metrics.image_auroc(scores, labels), "pixel_auroc": None, "aupro": None,
@@ -89,8 +96,14 @@ def evaluate_category(category_dir: Category | str | Path, shots: int, seed: int
     row["fit_seconds"] = fit_seconds
     step = max(1, len(paths) // timed_images)
     row["predict_ms"] = _predict_ms(detector, paths[::step][:timed_images])
-    row["false_alarm_rate"] = float(called_defect[~labels].mean())
-    row["miss_rate"] = float((~called_defect[labels]).mean())
+    good, defective = verdicts[~labels], verdicts[labels]
+    row["false_alarm_rate"] = float((good != "OK").mean())
+    row["predicted_false_alarm_rate"] = float(detector.expected_false_alarm_rate(detector.threshold))
+    row["miss_rate"] = float((defective == "OK").mean())
+    row["review_rate"] = float((verdicts == "REVIEW").mean())
+    row["defect_false_alarm_rate"] = float((good == "DEFECT").mean())
+    row["defect_miss_rate"] = float((defective != "DEFECT").mean())
+    row["miss_rate_at_5pct_false_alarms"] = metrics.miss_rate_at_false_alarm_rate(scores, labels, 0.05)
     return row
 
 
@@ -126,7 +139,8 @@ def format_table(rows: Sequence[dict]) -> str:
                 mean[key] = None if None in values else float(np.mean(values))
             summary.append(mean)
     header = ["category", "backbone", "shots", "seeds", "image AUROC", "pixel AUROC", "AUPRO",
-              "F1-max", "false alarms", "misses", "fit s", "predict ms"]
+              "F1-max", "false alarms", "predicted", "misses", "REVIEW", "false alarms (DEFECT)",
+              "misses (not DEFECT)", "misses at 5 % f.a.", "fit s", "predict ms"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in summary:
         cells = [r["category"], r["backbone"], str(r["shots"]), str(r["seeds"]),

@@ -46,16 +46,20 @@ def mapping_parameters(mappings: PFMMappings) -> list[np.ndarray]:
 class ScoringHeads(nn.Module):
     """forward(3 source features (1, C_l, h_l, w_l), 3 target features, the folded nets'
     parameters (``mapping_parameters``), bank (M, D), scales (2,), weights (2,)) ->
-    (PFM error (1, h_0, w_0), bank distance (1, h_0, w_0), smoothed map (1, size, size)).
+    (PFM error (1, h_0, w_0), bank distance (1, h_0, w_0), smoothed map (1, size, size)), or with
+    ``smoothing=False`` the combined map unsmoothed (1, h_0, w_0) as the third output: the
+    detector smooths it in float32 (``scoring.smooth_array``), so that a graph computed in
+    bfloat16 still gives scores of float32 resolution.
 
     Built from the structure of ``mappings`` (its weights are not used), for maps smoothed with
     ``sigma`` (pixels at 256 px) and upsampled to ``size``. ``bank_chunks`` > 1 searches the
     bank in that many parts, each reduced to its nearest distances before the next (its
     distances stay in cache: 0.2-0.6 ms less here); only for a bank of fixed length."""
 
-    def __init__(self, mappings: PFMMappings, sigma: float, size: int, bank_chunks: int = 1):
+    def __init__(self, mappings: PFMMappings, sigma: float, size: int, bank_chunks: int = 1,
+                 smoothing: bool = True):
         super().__init__()
-        self.sigma, self.size, self.bank_chunks = sigma, size, bank_chunks
+        self.sigma, self.size, self.bank_chunks, self.smoothing = sigma, size, bank_chunks, smoothing
         self.use_position_encoding = mappings.use_position_encoding
         self.plans, offset = [], 0
         for net in mappings.folded():
@@ -92,6 +96,8 @@ class ScoringHeads(nn.Module):
         knn = d2.clamp_min(0.0).sqrt().reshape(1, 1, h1, w1)
         knn = F.interpolate(knn, size=fine, mode="bilinear", align_corners=False)[:, 0]    # (1, h_0, w_0)
         combined = (weights[0] * pfm / scales[0] + weights[1] * knn / scales[1]) / weights.sum()
+        if not self.smoothing:
+            return pfm, knn, combined
         smoothed = gaussian_blur(combined, self.sigma * combined.shape[1] / 256)
         # F.interpolate's bilinear upsampling as two matrix products: the same map to 5e-7 in
         # float32, 0.6 ms faster than OpenVINO's Interpolate on this single-channel map
@@ -156,7 +162,7 @@ def compiled_heads(mappings: PFMMappings, sigma: float, size: int) -> CompiledMo
            float(sigma), int(size))
     with _lock:
         if key not in _graphs:
-            heads = ScoringHeads(mappings, sigma, size)
+            heads = ScoringHeads(mappings, sigma, size, smoothing=False)
             _graphs[key] = CompiledModule("scoring heads", heads, dynamic={6 + heads.n_parameters: (0,)})
             if len(_graphs) > MAX_GRAPHS:
                 _graphs.popitem(last=False)
@@ -169,7 +175,8 @@ BANK_CHUNKS = 8        # parts of a fitted detector's bank searched one after an
 
 def fitted_heads(mappings: PFMMappings, bank: torch.Tensor, scales: torch.Tensor, weights: tuple[float, float],
                  sigma: float, size: int) -> CompiledModule:
-    """``FittedHeads`` of one fitted detector, compiled on first use (about 0.5 s here)."""
+    """``FittedHeads`` of one fitted detector, compiled on first use; its third output is the
+    combined map unsmoothed (see ``ScoringHeads``)."""
     constants = mapping_parameters(mappings) + [bank.numpy(), scales.numpy(), np.array(weights, np.float32)]
-    heads = ScoringHeads(mappings, sigma, size, bank_chunks=min(BANK_CHUNKS, len(bank)))
+    heads = ScoringHeads(mappings, sigma, size, bank_chunks=min(BANK_CHUNKS, len(bank)), smoothing=False)
     return CompiledModule("fitted scoring heads", FittedHeads(heads, constants))

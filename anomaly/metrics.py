@@ -109,6 +109,20 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(f1.max())
 
 
+def miss_rate_at_false_alarm_rate(scores: np.ndarray, labels: np.ndarray, false_alarm_rate: float = 0.05) -> float:
+    """Share of defective images at or below the lowest threshold t that flags at most
+    ``false_alarm_rate`` of the good ones ("score > t means defect"): the misses that the
+    ranking itself forces at that false-alarm rate, whatever threshold rule is used.
+    scores (N,), labels (N,) bool; needs both kinds of label."""
+    scores, labels = _check_scores_labels(scores, labels, ndim=1)
+    if labels.all() or not labels.any():
+        raise ValueError("miss_rate_at_false_alarm_rate needs both good and defective labels")
+    good = np.sort(scores[~labels])
+    allowed = int(np.floor(false_alarm_rate * good.size + 1e-9))     # good images that may lie above t
+    t = good[good.size - 1 - allowed] if allowed < good.size else -np.inf
+    return float((scores[labels] <= t).mean())
+
+
 def _check_scores_labels(scores, labels, ndim: int) -> tuple[np.ndarray, np.ndarray]:
     """Shared input checks; returns (scores, labels as bool) of the same shape."""
     scores = np.asarray(scores)

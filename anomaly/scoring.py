@@ -8,6 +8,9 @@ maximum.
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +47,25 @@ def smooth(maps: torch.Tensor, sigma: float, size: int) -> torch.Tensor:
     the cost."""
     maps = gaussian_blur(maps, sigma * maps.shape[1] / 256)
     return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+@functools.lru_cache(maxsize=16)
+def smoothing_operators(h: int, w: int, sigma: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``smooth`` for (h, w) maps as two float32 matrices: rows (size, h) and cols (size, w) with
+    smooth(m) == rows @ m @ cols.T. Both steps are separable and each output row of either
+    step sums to 1, so smoothing a map that is constant along one axis gives the other axis'
+    operator (computed in float64)."""
+    rows = smooth(torch.eye(h, dtype=torch.float64)[:, :, None].expand(h, h, w), sigma, size)
+    cols = smooth(torch.eye(w, dtype=torch.float64)[:, None, :].expand(w, h, w), sigma, size)
+    return (rows[:, :, 0].T.numpy().astype(np.float32).copy(),
+            cols[:, 0, :].T.numpy().astype(np.float32).copy())
+
+
+def smooth_array(maps: np.ndarray, sigma: float, size: int) -> np.ndarray:
+    """(B, h, w) float32 maps -> (B, size, size) float32: ``smooth`` in NumPy, in float32 whatever
+    precision the maps were computed in, so that scores keep float32 resolution."""
+    rows, cols = smoothing_operators(maps.shape[1], maps.shape[2], float(sigma), int(size))
+    return np.matmul(np.matmul(rows, maps.astype(np.float32, copy=False)), cols.T)
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,31 @@ def test_fit_reports_progress_and_calibrates(bottle):
     assert {"extracting features"} <= {m for _, m in calls}
     assert report.n_references == 4 and det.is_fitted
     assert len(det.calibration_scores) == 2 * 4                 # ceil(4 / 3) held-out references x 4 views
-    assert det.threshold > float(det.calibration_scores.max())
+    assert len(det.reference_scores) == 4                       # each reference, leave-one-out
+    budget = det.config.false_alarm_budget
+    assert det.expected_false_alarm_rate(det.threshold) == pytest.approx(budget, rel=1e-4)
+    assert det.expected_false_alarm_rate(det.defect_threshold) == pytest.approx(
+        budget * det.config.defect_rate_ratio, rel=1e-3)
+    assert det.threshold < det.defect_threshold
+    assert float(np.median(det.calibration_scores)) < det.threshold
     lo, hi = det.score_range
     assert lo < det.threshold < hi
+
+
+def test_the_budget_sets_the_thresholds(bottle):
+    det, _, _ = bottle
+    strict, loose = det.thresholds_for(0.01), det.thresholds_for(0.2)
+    assert loose[0] < det.threshold < strict[0] and loose[1] < strict[1]
+    assert det.defect_threshold_for(det.threshold) == pytest.approx(det.defect_threshold, rel=1e-6)
+
+
+def test_scores_between_the_thresholds_are_sent_to_review(bottle, data_dir):
+    det, _, _ = bottle
+    pred = det.predict(category_files(data_dir, "bottle", "test/good", 1)[0])
+    for score, verdict in ((det.threshold * 0.99, "OK"), ((det.threshold + det.defect_threshold) / 2, "REVIEW"),
+                           (det.defect_threshold * 1.01, "DEFECT")):
+        moved = Prediction(pred.anomaly_map, score, 0.5, det.threshold, det.defect_threshold)
+        assert moved.verdict == verdict and moved.pred_label == (verdict != "OK")
 
 
 def test_defects_score_above_good_parts(bottle, data_dir):
@@ -40,7 +62,7 @@ def test_defects_score_above_good_parts(bottle, data_dir):
     good = det.predict(category_files(data_dir, "bottle", "test/good", 6))
     bad = det.predict(category_files(data_dir, "bottle", "test/broken_large", 6))
     assert min(p.pred_score for p in bad) > np.median([p.pred_score for p in good])
-    assert sum(p.verdict == "DEFECT" for p in bad) >= 5
+    assert sum(p.verdict != "OK" for p in bad) >= 5
     assert sum(p.verdict == "OK" for p in good) >= 4
 
 

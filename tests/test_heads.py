@@ -78,6 +78,23 @@ def test_bfloat16_keeps_the_maps_and_verdicts(fitted):
     assert ((scores_a > eager.threshold) == (scores_b > eager.threshold))[clear].all()
 
 
+@pytest.mark.skipif(not runtime.native_bf16(), reason="this CPU has no native bfloat16")
+def test_bfloat16_predictions_give_scores_of_float32_resolution(fitted, data_dir):
+    """The graph computes in bfloat16, but the map is smoothed and its maximum taken in float32:
+    as many distinct scores as PyTorch gives, within 3 % of PyTorch's, and not bfloat16 numbers
+    (whose steps near a score of 2-4 are 0.0156: many images would share one score)."""
+    eager, _ = fitted
+    compiled = _twin(eager)
+    paths = category_files(data_dir, "bottle", "test/good") + category_files(data_dir, "bottle", "test/broken_small")
+    maps_a, scores_a = compiled.anomaly_maps(paths)
+    _, scores_b = eager.anomaly_maps(paths)
+    assert len(np.unique(scores_a)) == len(np.unique(scores_b)) == len(paths)
+    np.testing.assert_allclose(scores_a, scores_b, rtol=0.03)
+    as_bf16 = torch.from_numpy(scores_a).to(torch.bfloat16).float().numpy()
+    assert (as_bf16 != scores_a).mean() > 0.9
+    assert maps_a.dtype == np.float32 and len(np.unique(maps_a[0])) > 1000
+
+
 def test_one_heads_graph_serves_every_fit_and_each_detector_compiles_its_own_once(data_dir, compilations):
     """Every fit's held-out scoring runs one shared heads graph; each fitted detector's
     predictions run its own (its nets and bank as constants), compiled on its first prediction

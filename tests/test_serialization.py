@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from anomaly import DetectorConfig, PFMDetector
 
@@ -34,15 +34,47 @@ def _write(path, header, body):
     return path
 
 
-def test_round_trip_keeps_config_threshold_and_calibration(saved):
+def test_round_trip_keeps_config_thresholds_and_calibration(saved):
     det, path = saved
     loaded = PFMDetector.load(path)
     assert loaded.config == det.config
-    assert loaded.threshold == det.threshold
+    assert (loaded.threshold, loaded.defect_threshold) == (det.threshold, det.defect_threshold)
     assert torch.equal(loaded.calibration_scores, det.calibration_scores)
+    assert torch.equal(loaded.reference_scores, det.reference_scores)
+    assert loaded.good_scores == det.good_scores
+    assert loaded.expected_false_alarm_rate(1.1 * det.threshold) == det.expected_false_alarm_rate(1.1 * det.threshold)
     header, _ = _header(path)
     meta = header["__metadata__"]
-    assert meta["format_version"] == "2" and meta["source_backbone"] == "efficientnet_lite0"
+    assert meta["format_version"] == "3" and meta["source_backbone"] == "efficientnet_lite0"
+
+
+def test_a_budget_changed_after_loading_rethresholds_from_the_saved_evidence(saved):
+    det, path = saved
+    loaded = PFMDetector.load(path)
+    loaded.set_false_alarm_budget(0.01)
+    assert loaded.config.false_alarm_budget == 0.01
+    assert loaded.threshold > det.threshold
+    assert loaded.expected_false_alarm_rate(loaded.threshold) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_a_version_2_file_still_loads_with_three_verdicts(saved, tmp_path):
+    """Files saved before the good-score model: one threshold, a config with threshold_margin."""
+    det, path = saved
+    header, body = _header(path)
+    old = {k: v for k, v in load_file(str(path)).items()
+           if k not in ("reference_scores", "good_score_model", "defect_threshold")}
+    config = json.loads(header["__metadata__"]["config"])
+    config = {k: v for k, v in config.items() if k not in ("false_alarm_budget", "defect_rate_ratio")}
+    config["threshold_margin"] = 0.05
+    v2 = tmp_path / "v2.safetensors"
+    save_file(old, str(v2), metadata={**header["__metadata__"], "format_version": "2",
+                                      "config": json.dumps(config)})
+    loaded = PFMDetector.load(v2)
+    assert loaded.threshold == det.threshold                       # the threshold it was saved with
+    assert loaded.defect_threshold >= loaded.threshold
+    assert 0.0 < loaded.expected_false_alarm_rate(loaded.threshold) < 0.5
+    image = np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    assert loaded.predict(image).verdict in ("OK", "REVIEW", "DEFECT")
 
 
 def test_saving_an_unfitted_detector_is_refused(tmp_path):
@@ -100,7 +132,7 @@ def test_wrong_tensor_shape(saved, tmp_path):
     tensors = {k: v.clone() for k, v in det.tensors().items()}
     key = next(k for k in tensors if k.endswith("shared.weight"))
     tensors[key] = torch.zeros(3, 3)
-    meta = {"format": "pfm-anomaly-detector", "format_version": "2",
+    meta = {"format": "pfm-anomaly-detector", "format_version": "3",
             "config": json.dumps(__import__("dataclasses").asdict(det.config))}
     path = tmp_path / "shape.safetensors"
     save_file(tensors, str(path), metadata=meta)
@@ -148,6 +180,9 @@ def test_crafted_config_is_refused_fast_and_small(saved, tmp_path, change, messa
     ("scales", torch.tensor([1.0, float("nan")]), "NaN"),
     ("bank", torch.zeros(10**5, 304), "bank"),
     ("bank", torch.zeros(10, 7), "bank"),
+    ("defect_threshold", torch.tensor(0.0), "below the threshold"),
+    ("good_score_model", torch.tensor([0.4, -1.0], dtype=torch.float64), "not a good-score model"),
+    ("reference_scores", torch.tensor([1.0, -2.0]), "positive"),
 ])
 def test_crafted_tensors_are_refused(saved, tmp_path, name, value, message):
     det, path = saved
