@@ -12,7 +12,7 @@ Every backbone returns features at strides 4, 8 and 16, as the network gives the
 (``unnormalised``) or L2-normalised over channels (calling it, as PFM wants them). The
 networks run on OpenVINO where it is installed, else in PyTorch eager (``anomaly.runtime``), and
 PyTorch stays the reference. For OpenVINO each network is exported in memory from the same
-PyTorch module once per input size (about 0.5 s), for one image of that size: fixed shapes let
+PyTorch module once per input size, for one image of that size: fixed shapes let
 it fold EfficientNet's "same" padding into constants and pre-pack the convolutions, and one
 image per run costs no more per image than a batch.
 """
@@ -100,7 +100,7 @@ class FeatureExtractor(nn.Module):
         ``anomaly.runtime.default_precision()``)."""
         if self.compiled is not None and images.shape[0]:
             # no torch op here: a multi-threaded one would leave OpenMP's threads spinning on
-            # the cores that OpenVINO is about to use (1.5-2x slower)
+            # the cores that OpenVINO is about to use
             pixels = images.numpy()
             per_image = [self.compiled.run([np.ascontiguousarray(pixels[i:i + 1])], precision)
                          for i in range(len(pixels))]
@@ -287,10 +287,9 @@ class BackbonePair(NamedTuple):
         """``features`` of one chunk with the two networks running at once on OpenVINO, the
         source on ``threads // 2`` threads (on OpenVINO's own thread), the target on the rest
         (on this one), one image at a time; None where either network does not run on
-        OpenVINO. On 2 threads a network waits at every layer for the slower of its 2 cores, and
-        where the machine's other vCPU is busy (shared cloud cores) that took both networks
-        from 9.9 to 13.9 ms here; side by side they take 10.0 ms either way, with the same
-        features."""
+        OpenVINO. On 2 threads a network waits at every layer for the slower of its 2 cores,
+        which costs most where the machine's other vCPU is busy (shared cloud cores); side by
+        side, each on its own core, neither waits, and the features are the same."""
         if self.runtime != "openvino" or not images.shape[0]:
             return None
         pixels = images.numpy()

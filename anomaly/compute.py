@@ -2,7 +2,7 @@
 
 PyTorch and OpenVINO each spread one operation over every core. The app serves many
 visitors from threads of one process, and two threads computing at once oversubscribe the
-cores (on 2 cores, a fit beside three other torch jobs took 109 s instead of 9 s). So every piece of heavy
+cores, and each slows far more than twofold. So every piece of heavy
 work (a batch through the backbones, a training step, a batch of anomaly maps, a block of the
 coreset search) runs inside ``with CPU_TURN:``. The pieces are short (tens of ms), so an
 inspection waits for at most one piece of another visitor's fit, not for the whole fit, and

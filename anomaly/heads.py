@@ -54,7 +54,7 @@ class ScoringHeads(nn.Module):
     Built from the structure of ``mappings`` (its weights are not used), for maps smoothed with
     ``sigma`` (pixels at 256 px) and upsampled to ``size``. ``bank_chunks`` > 1 searches the
     bank in that many parts, each reduced to its nearest distances before the next (its
-    distances stay in cache: 0.2-0.6 ms less here); only for a bank of fixed length."""
+    distances stay in cache); only for a bank of fixed length."""
 
     def __init__(self, mappings: PFMMappings, sigma: float, size: int, bank_chunks: int = 1,
                  smoothing: bool = True):
@@ -100,7 +100,7 @@ class ScoringHeads(nn.Module):
             return pfm, knn, combined
         smoothed = gaussian_blur(combined, self.sigma * combined.shape[1] / 256)
         # F.interpolate's bilinear upsampling as two matrix products: the same map to 5e-7 in
-        # float32, 0.6 ms faster than OpenVINO's Interpolate on this single-channel map
+        # float32, and cheaper than OpenVINO's Interpolate on a single-channel map
         rows, cols = (_linear_upsampling(n, self.size) for n in smoothed.shape[1:])
         smoothed = (rows @ smoothed[0] @ cols.T)[None]                                      # (1, S, S)
         return pfm, knn, smoothed
@@ -135,8 +135,7 @@ class FittedHeads(nn.Module):
     """forward(3 source features (1, C_l, h_l, w_l), 3 target features) -> ``ScoringHeads``'
     outputs for one fitted detector, whose nets' parameters, bank, scales and score weights
     (``constants``, in ``ScoringHeads``' order) are constants of the graph: OpenVINO folds the
-    bank's norms and pre-packs every weight once instead of on each call (3-4 ms of 14 per
-    image here)."""
+    bank's norms and pre-packs every weight once instead of on each call."""
 
     def __init__(self, heads: ScoringHeads, constants: list[np.ndarray]):
         super().__init__()

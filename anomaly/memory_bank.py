@@ -41,7 +41,7 @@ def greedy_coreset(vectors: torch.Tensor, size: int, generator: torch.Generator,
                    projection: int = 32, turn: int = 512) -> torch.Tensor:
     """Indices (size,) of ``vectors`` (M, D) that cover them: farthest-point selection on a fixed
     random projection to ``projection`` dims (PatchCore's approximate greedy coreset; 32 dims
-    keep the projected vectors in cache: 2-9x faster than 128 here). All indices when M <= size.
+    keep the projected vectors in cache). All indices when M <= size.
 
     The selection loop runs in NumPy: its matrix-vector product and argmax over M take a quarter
     of the time of the same torch calls, whose per-call threading costs more than the work. Runs

@@ -28,8 +28,8 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
     """AUROC over all pixels of anomaly maps (N, H, W) against masks (N, H, W) bool.
 
     Exact rank statistic, not a histogram: one sort of the normal pixels (float32 sorts fast)
-    and a search of the sorted distinct defect scores in them, about 1-3 s for 500 x 256 x 256
-    pixels on 2 cores, which is small next to computing the maps; a binned approximation would
+    and a search of the sorted distinct defect scores in them, small next to computing the
+    maps; a binned approximation would
     lose resolution in the long upper tail where the defects are. None when no pixel is
     defective (e.g. a test set of good images only).
     """
@@ -53,8 +53,7 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3,
     at its value, with vectorised counting (one sort of the top normal scores, one histogram
     per image). Exact when every normal pixel within the limit is a threshold; otherwise the
     result is off by at most 0.5 / (num_thresholds - 1) (PRO is monotone between thresholds).
-    About 2 s for 500 x 256 x 256 pixels. None when no pixel is defective; ValueError when no
-    pixel is normal.
+    None when no pixel is defective; ValueError when no pixel is normal.
     """
     maps, masks = _check_scores_labels(maps, masks, ndim=3)
     if not 0.0 < fpr_limit <= 1.0:

@@ -7,7 +7,7 @@ compiled graphs of the most recently used shapes are kept. Nothing is written to
 nothing is downloaded: the weights are those of the module.
 
 Precision: by default OpenVINO computes in bfloat16 where the CPU does it natively (AVX512-BF16
-or AMX: predictions about 1.4x faster here, maps within a few per cent) and in float32
+or AMX: faster predictions, maps within a few per cent) and in float32
 elsewhere; a caller may ask for float32 (the detector's fit does, see ``FIT_PRECISION``), and
 ``$ANOMALY_PRECISION=f32`` makes float32 the default (PyTorch's twin to ~1e-5).
 ``$ANOMALY_RUNTIME`` (``openvino`` or ``torch``) chooses the runtime.
@@ -124,7 +124,7 @@ class CompiledModule:
         OpenVINO cannot run. The graph is built, if need be, on the calling thread: a Python
         thread that ran torch work would keep an OpenMP thread pool of its own, and with more
         pooled threads than cores libgomp stops spinning for the rest of the process (the
-        mapping nets' training 2.0 -> 4.9 s here)."""
+        mapping nets' training several times slower)."""
         key = self._key(inputs, precision, threads)
         self._lock.acquire()                   # released by the returned function
         try:
@@ -174,7 +174,7 @@ def compile_module(module: nn.Module, inputs: Sequence[np.ndarray], dynamic: dic
     may vary}) to ONNX in memory and compile it for the CPU, computing in ``precision`` ("bf16"
     or "f32") on ``threads`` threads (default: as many as torch uses). A graph on fewer threads
     is a lane that runs beside another: its threads are not pinned to cores, or both lanes'
-    would be pinned to the same ones (1.7x slower here)."""
+    would be pinned to the same ones."""
     threads = threads or torch.get_num_threads()
     names = [f"input{i}" for i in range(len(inputs))]
     example = tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs)
