@@ -24,16 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-VERDICTS = ("OK", "REVIEW", "DEFECT")
-
-
-def verdict(score: float, threshold: float, defect_threshold: float) -> str:
-    """The one verdict rule: OK up to ``threshold``, DEFECT above ``defect_threshold``
-    (>= threshold), REVIEW between them."""
-    if score > defect_threshold:
-        return "DEFECT"
-    return "REVIEW" if score > threshold else "OK"
-
+from .verdicts import VERDICTS, verdict  # noqa: F401 (the rule, re-exported beside the model)
 
 @dataclass(frozen=True)
 class GoodScoreModel:
