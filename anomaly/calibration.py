@@ -26,6 +26,7 @@ from scipy import stats
 
 from .verdicts import VERDICTS, verdict  # noqa: F401 (the rule, re-exported beside the model)
 
+
 @dataclass(frozen=True)
 class GoodScoreModel:
     """The distribution of a good part's image score: log(score) ~ Normal(log_mean, log_sd)."""
