@@ -35,8 +35,9 @@ import gradio as gr
 # models load in the background (preload_models); handlers import the rest when first called.
 from anomaly.examples import EXAMPLES_DIR, example_sets
 from anomaly.image_io import MAX_FILE_BYTES, MAX_PIXELS
-from anomaly.settings import (BACKBONE_PAIRS, DEFAULT_IMAGE_SIZE, DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH,
-                              NO_DETECTOR, SMALL_DEFECTS_SIZE, WORK_SIDE)
+from anomaly.settings import (BACKBONE_PAIRS, DEFAULT_FALSE_ALARM_BUDGET, DEFAULT_IMAGE_SIZE, DEFAULT_PAIR,
+                              FALSE_ALARM_BUDGETS, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR,
+                              SMALL_DEFECTS_SIZE, WORK_SIDE)
 from anomaly.settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
 
 log = logging.getLogger("app")
@@ -55,6 +56,8 @@ PARTS_TURN_LABEL = ("Parts lie at any angle (screws, bolts): learn them at every
 SMALL_DEFECTS_LABEL = (f"Small defects: model at {SMALL_DEFECTS_SIZE} px instead of "
                        f"{DEFAULT_IMAGE_SIZE} (finer, about 1.5x slower to fit and inspect)")
 STEADY_REFERENCES = 4          # below this many good images the app calls the threshold rough
+SUGGESTIONS = 3                # images proposed for a label after an inspection
+TABLE_ORDER_CHOICES = [("highest score first", "score"), ("REVIEW first", "review")]
 LIMITS = (f"Limits: up to {MAX_REFERENCES} good images, {MAX_TEST_BATCH} test images per batch "
           f"(the last {MAX_RESULTS} unmarked results are kept), {MAX_FILE_BYTES // 2**20} MB and "
           f"{MAX_PIXELS // 10**6} megapixels per image. Larger photos are shrunk to "
@@ -186,8 +189,12 @@ def fit_text(s):
         r = s.fit_report
         head = (f"**Fitted on {r.n_references} good image{'s' * (r.n_references != 1)} "
                 f"in {r.seconds:.1f} s.**")
-    text = (f"{head} Calibrated threshold: **{s.calibrated_threshold:.4g}** (good images scored "
-            f"{lo:.4g} – {hi:.4g}; a test image scoring above the threshold is flagged DEFECT). "
+    from anomaly.session import false_alarm_words
+
+    budget = s.detector.config.false_alarm_budget
+    text = (f"{head} False-alarm budget **{percent(budget)}**: {false_alarm_words(budget)} "
+            f"Calibrated thresholds: REVIEW above **{s.calibrated_threshold:.4g}**, DEFECT above "
+            f"**{s.detector.defect_threshold:.4g}** (good images scored {lo:.4g} – {hi:.4g}). "
             f"Feature extractor: {backbone}.")
     if s.fit_report is not None and s.fit_report.n_references < STEADY_REFERENCES:
         text += "\n\n" + rough_threshold_text(s.fit_report.n_references)
@@ -207,9 +214,22 @@ def rough_threshold_text(n: int) -> str:
                  f"only {held} other good part{'s' * (held != 1)}")
     return (f"⚠️ **Rough threshold.** With {n} good image{'s' * (n != 1)} {basis}. Measured on three "
             f"public test sets (bottle, magnetic tile, screw) with 2 good images, it flagged 0–15 % "
-            f"of good parts as DEFECT and missed 11–100 % of defects. Add good images "
+            f"of good parts and missed 11–100 % of defects. Add good images "
             f"({STEADY_REFERENCES}–8 or more) for a steadier threshold, or move the slider and mark "
             f"results as good or defective to see where it should be.")
+
+
+def percent(rate: float) -> str:
+    """0.05 -> "5 %"."""
+    return f"{100 * rate:g} %"
+
+
+def budget_dropdown(s):
+    """The false-alarm budget control showing the session's budget (a detector file's may be
+    none of the usual choices)."""
+    budget = s.false_alarm_budget if s.false_alarm_budget is not None else DEFAULT_FALSE_ALARM_BUDGET
+    choices = sorted({*FALSE_ALARM_BUDGETS, budget})
+    return gr.Dropdown(choices=[(percent(b), b) for b in choices], value=budget)
 
 
 def threshold_slider(s):
@@ -226,12 +246,16 @@ def render(s, alpha, outline, marks=True):
     Thumbnails and photos come from the session's files, drawn once each."""
     if s is None or not s.is_fitted:
         return ("No results yet.", [], [], gr.Dropdown(choices=[], value=None), None,
-                "", None, "", gr.Plot(value=None, visible=False))
+                "", None, "", [], "", gr.Plot(value=None, visible=False))
+    from anomaly.session import false_alarm_words
+    from anomaly.viz import OUTLINE_NAMES
+
     ranked = s.ranked()
     if s.results:
-        defects, oks = s.counts()
-        summary = (f"**{len(s.results)} image{'s' * (len(s.results) != 1)}: {defects} DEFECT, "
-                   f"{oks} OK** at threshold {s.threshold:.4g}.")
+        counts = s.counts()
+        summary = (f"**{len(s.results)} image{'s' * (len(s.results) != 1)}: {counts['DEFECT']} "
+                   f"DEFECT, {counts['REVIEW']} REVIEW, {counts['OK']} OK** at threshold "
+                   f"{s.threshold:.4g} (DEFECT above {s.defect_threshold:.4g}).")
     else:
         summary = "Fitted. Now add test images (step 2)."
     gallery = [(str(s.thumbnail_file(r, alpha)), f"{s.verdict(r)} {r.score:.4g} · {r.name}")
@@ -246,13 +270,19 @@ def render(s, alpha, outline, marks=True):
                 True: "You marked it defect."}[current.label]
         also = (f" (uploaded as {current.uploaded_as}: an earlier image has that name)"
                 if current.uploaded_as else "")
-        detail_text = (f"**{current.name}{also}: {s.verdict(current)}**. Score {current.score:.4g} "
+        verdict = s.verdict(current)
+        detail_text = (f"**{current.name}{also}: {verdict}**. Score {current.score:.4g} "
                        f"({s.norm_score(current):.2f} on the 0–1 scale where the threshold is 0.5); "
                        f"{100 * s.area_above(current):.1f} % of the image is above the threshold "
-                       f"(magenta outline). {mark}")
+                       f"({OUTLINE_NAMES[verdict]} outline). {mark}")
     else:
         detail, detail_text = None, ""
-    head = (summary, s.table(), gallery, selector, detail, detail_text, s.score_figure())
+    rate = (f"**At this threshold:** {false_alarm_words(s.expected_false_alarm_rate())} "
+            f"False-alarm budget: {percent(s.detector.config.false_alarm_budget)}.")
+    suggested = [(str(s.thumbnail_file(r, alpha)), f"{s.verdict(r)} {r.score:.4g} · {r.name}")
+                 for r in s.suggestions(SUGGESTIONS)]
+    head = (summary, s.table(), gallery, selector, detail, detail_text, s.score_figure(), rate,
+            suggested)
     if not marks:
         return (*head, gr.skip(), gr.skip())
     labels = s.label_summary()
@@ -286,7 +316,8 @@ def fit(session, backbone, parts_turn, small_defects, alpha, outline, progress=g
         request: gr.Request = None):
     s = session_for(session, request)
     s.fit(backbone, as_progress(progress), parts_turn=bool(parts_turn), small_defects=bool(small_defects))
-    return (s, fit_text(s), threshold_slider(s), *reference_views(s), *render(s, alpha, outline))
+    return (s, fit_text(s), threshold_slider(s), budget_dropdown(s), *reference_views(s),
+            *render(s, alpha, outline))
 
 
 @user_errors
@@ -336,6 +367,22 @@ def reset_threshold(session, alpha, outline):
 
 
 @user_errors
+def set_false_alarm_budget(session, budget, alpha, outline, request: gr.Request = None):
+    """The budget control: thresholds for it (kept for the next fit when there is no detector)."""
+    s = session_for(session, request)
+    s.set_false_alarm_budget(budget)
+    slider = threshold_slider(s) if s.is_fitted else gr.skip()
+    return (s, fit_text(s), slider, *render(s, alpha, outline))
+
+
+@user_errors
+def set_table_order(session, order, request: gr.Request = None):
+    s = session_for(session, request)
+    s.set_table_order(order)
+    return s, s.table()
+
+
+@user_errors
 def use_suggested_threshold(session, alpha, outline):
     s = existing(session)
     labels = s.label_summary()
@@ -356,6 +403,13 @@ def redraw(session, alpha, outline):
 def select_from_gallery(session, alpha, outline, evt: gr.SelectData):
     s = existing(session)
     s.select_ranked(evt.index)
+    return render(s, alpha, outline, marks=False)
+
+
+@user_errors
+def select_suggestion(session, alpha, outline, evt: gr.SelectData):
+    s = existing(session)
+    s.select_suggested(evt.index)
     return render(s, alpha, outline, marks=False)
 
 
@@ -387,10 +441,15 @@ def save_detector(session):
 @user_errors
 def load_detector(session, file, alpha, outline, request: gr.Request = None):
     if not file:
-        return (gr.skip(),) * (3 + len(VIEW))
+        return (gr.skip(),) * (4 + len(VIEW))
     s = session_for(session, request)
     s.load_detector(str(file))
-    return (s, fit_text(s), threshold_slider(s), *render(s, alpha, outline))
+    return (s, fit_text(s), threshold_slider(s), budget_dropdown(s), *render(s, alpha, outline))
+
+
+@user_errors
+def export_onnx(session):
+    return str(existing(session).export_onnx())
 
 
 @user_errors
@@ -414,8 +473,9 @@ def load_example(session, name, request: gr.Request = None):
 @user_errors
 def score(session, files, detector_file):
     """The scripting API (``api_name="score"``): image files -> (one JSON record per image, the
-    heatmap overlays). With a detector file the call is stateless; without one it uses this
-    session's fitted detector at its current threshold and leaves its results alone."""
+    heatmap overlays). With a detector file the call is stateless, at the file's thresholds;
+    without one it uses this session's fitted detector at its current thresholds and leaves its
+    results alone."""
     from anomaly.session import fresh_folder, score_records
 
     files = paths(files)
@@ -423,7 +483,7 @@ def score(session, files, detector_file):
         raise gr.Error("Send one or more image files.", print_exception=False)
     if detector_file:
         detector = cached_detector(str(detector_file))
-        records = score_records(detector, detector.threshold, files, fresh_folder(SCORE_FOLDER))
+        records = score_records(detector, files, fresh_folder(SCORE_FOLDER))
     else:
         records = existing(session).score_files(files)
     overlays = [r["overlay"] for r in records if r["overlay"]]
@@ -525,7 +585,8 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
         "# Find defects from a few good examples\n"
         "Show the tool a few photos of **good** parts. It learns what normal looks like, then "
         "marks anything unusual in new photos: a heatmap (red = unusual), a score and an "
-        "**OK / DEFECT** verdict. No photos of defects are needed, and it runs on a CPU.")
+        "**OK / REVIEW / DEFECT** verdict (REVIEW: a person should look). No photos of defects "
+        "are needed, and it runs on a CPU.")
     with gr.Row(equal_height=True):
         example_names = list(example_sets())
         example_choice = gr.Dropdown(example_names, value=example_names[0] if example_names else None,
@@ -572,19 +633,26 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
     gr.Markdown("## 3 · Results", elem_classes="step-title")
     with gr.Row(equal_height=True):
         threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.001, interactive=False, scale=4,
-                              label="Threshold: images scoring above it are DEFECT",
+                              label="Threshold: images scoring above it are not OK (REVIEW; "
+                                    "DEFECT above the second, stricter threshold)",
                               elem_id="threshold")
+        budget = gr.Dropdown([(percent(b), b) for b in FALSE_ALARM_BUDGETS],
+                             value=DEFAULT_FALSE_ALARM_BUDGET, scale=1, elem_id="budget",
+                             label="False-alarm budget: share of good parts that may be flagged")
         reset_btn = gr.Button("Back to calibrated threshold", scale=1, elem_id="reset-threshold")
+    rate_md = gr.Markdown(elem_id="expected-rate")
     summary_md = gr.Markdown("No results yet.", elem_id="results-summary")
     with gr.Row():
         with gr.Column(scale=3):
             results_gallery = gr.Gallery(label="Results, most suspicious first (click one)",
                                          columns=3, height=380, allow_preview=False,
                                          interactive=False, elem_id="results-gallery")
+            table_order = gr.Radio(TABLE_ORDER_CHOICES, value="score", label="Sort the table",
+                                   elem_id="table-order")
             results_table = gr.Dataframe(headers=["image", "verdict", "score", "score 0-1",
                                                   "your mark"],
                                          datatype=["str", "str", "number", "number", "str"],
-                                         interactive=False, label="All results (sorted by score)",
+                                         interactive=False, label="All results",
                                          max_height=300, elem_id="results-table")
         with gr.Column(scale=4):
             selector = gr.Dropdown(choices=[], label="Selected image", elem_id="selected-image")
@@ -594,16 +662,23 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
             with gr.Row():
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Heatmap opacity",
                                   elem_id="opacity")
-                outline = gr.Checkbox(value=True, label="Outline the region above the threshold",
+                outline = gr.Checkbox(value=True, label="Outline the region above the threshold "
+                                                        "(amber: REVIEW, magenta: DEFECT)",
                                       elem_id="outline")
-    gr.Markdown("**Why:** every image's score against the threshold (dashed line). Good images "
-                "(blue) set the calibrated threshold; test images to its right are DEFECT.")
+    gr.Markdown("**Why:** every image's score against the thresholds. Good images (blue) set "
+                "them: test images left of the dashed line are OK, in the shaded band REVIEW, "
+                "right of the dotted line DEFECT.")
     score_plot = gr.Plot(show_label=False, elem_id="score-plot")
 
     gr.Markdown("## 4 · Teach it (optional)", elem_classes="step-title")
-    gr.Markdown("A verdict is wrong? Select the image above and mark it. *Good* adds it to the "
-                "good images and refits the detector; marking some images *defect* as well shows "
-                "how well the scores separate the two and suggests a threshold.")
+    gr.Markdown("A verdict is wrong? Select the image above, or one the detector is least sure "
+                "about below, and mark it. *Good* adds it to the good images and refits the "
+                "detector; *defect* lowers the DEFECT threshold just below the lowest score you "
+                "marked defective, so that such parts are DEFECT. With both kinds marked, it "
+                "shows how well the scores separate the two and suggests a threshold.")
+    suggested_gallery = gr.Gallery(label="Suggested for a label (click one, then mark it)",
+                                   columns=SUGGESTIONS, height=200, allow_preview=False,
+                                   interactive=False, elem_id="suggested-gallery")
     with gr.Row():
         mark_good_btn = gr.Button("Mark as good (refits)", elem_id="mark-good")
         mark_defect_btn = gr.Button("Mark as defect", elem_id="mark-defect")
@@ -620,6 +695,11 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
             detector_file = gr.File(label="Detector file", interactive=False, visible=False,
                                     elem_id="detector-file")
         with gr.Column():
+            onnx_btn = gr.Button("Download for the line (one ONNX file, runs without PyTorch: "
+                                 "python -m anomaly.edge)", elem_id="export-onnx")
+            onnx_file = gr.File(label="ONNX model", interactive=False, visible=False,
+                                elem_id="onnx-file")
+        with gr.Column():
             zip_btn = gr.Button("Download results (ZIP: overlays, masks, maps, CSV)",
                                 elem_id="export-zip")
             zip_file = gr.File(label="Results ZIP", interactive=False, visible=False,
@@ -634,7 +714,7 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
 
     # ----------------------------------------------------------------------- events
     VIEW = [summary_md, results_table, results_gallery, selector, detail, detail_md, score_plot,
-            labels_md, roc_plot]
+            rate_md, suggested_gallery, labels_md, roc_plot]
     REFS = [ref_gallery, ref_count]
     DRAW = [state, alpha, outline]
     fit_queue = dict(concurrency_limit=FIT_CONCURRENCY, concurrency_id="fit")
@@ -645,7 +725,7 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
         event(set_references, [state, ref_files], [state, *REFS], api_visibility="private")
     fitting = [fit_md, ref_gallery]          # where a fit's progress bar shows
     fit_btn.click(fit, [state, backbone, parts_turn, small_defects, alpha, outline],
-                  [state, fit_md, threshold, *REFS, *VIEW],
+                  [state, fit_md, threshold, budget, *REFS, *VIEW],
                   api_name="fit", show_progress_on=fitting, **fit_queue)
     inspect_args = dict(fn=inspect_files, inputs=[state, test_files, alpha, outline],
                         outputs=[threshold, *VIEW], show_progress_on=summary_md, **predict_queue)
@@ -658,12 +738,17 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
     threshold.input(set_threshold, [state, threshold, alpha, outline], VIEW,
                     api_name="set_threshold", trigger_mode="always_last", show_progress="hidden")
     reset_btn.click(reset_threshold, DRAW, [threshold, *VIEW], api_name="reset_threshold")
+    budget.input(set_false_alarm_budget, [state, budget, alpha, outline],
+                 [state, fit_md, threshold, *VIEW], api_name="set_false_alarm_budget")
+    table_order.input(set_table_order, [state, table_order], [state, results_table],
+                      api_name="set_table_order")
     suggest_btn.click(use_suggested_threshold, DRAW, [threshold, *VIEW],
                       api_name="use_suggested_threshold")
     for control in (alpha, outline):
         control.input(redraw, DRAW, VIEW, api_visibility="private", trigger_mode="always_last",
                       show_progress="hidden")
     results_gallery.select(select_from_gallery, DRAW, VIEW, api_visibility="private")
+    suggested_gallery.select(select_suggestion, DRAW, VIEW, api_visibility="private")
     selector.input(select_by_name, [state, selector, alpha, outline], VIEW, api_name="select")
 
     for button, label in ((mark_good_btn, False), (mark_defect_btn, True), (unmark_btn, None)):
@@ -672,17 +757,18 @@ with gr.Blocks(title="Few-shot visual inspection", delete_cache=(1800, 3600)) as
                      api_name=handler.__name__, show_progress_on=fitting, **fit_queue)
 
     for button, fn, output in ((save_btn, save_detector, detector_file),
+                               (onnx_btn, export_onnx, onnx_file),
                                (zip_btn, export_zip, zip_file)):
         (button.click(fn, [state], [output], api_name=fn.__name__)
          .success(reveal, None, [output], api_visibility="private", queue=False))
     detector_upload.upload(load_detector, [state, detector_upload, alpha, outline],
-                           [state, fit_md, threshold, *VIEW], api_name="load_detector",
+                           [state, fit_md, threshold, budget, *VIEW], api_name="load_detector",
                            show_progress_on=fit_md, **fit_queue)
 
     (example_btn.click(load_example, [state, example_choice], [state, ref_files, test_files, *REFS],
                        api_name="load_example")
      .success(fit, [state, backbone, parts_turn, small_defects, alpha, outline],
-              [state, fit_md, threshold, *REFS, *VIEW],
+              [state, fit_md, threshold, budget, *REFS, *VIEW],
               api_visibility="private", show_progress_on=fitting, **fit_queue)
      .success(api_visibility="private", **inspect_args))
     score_btn.click(score, [state, score_images, score_detector], [score_records_out, score_overlays],

@@ -4,6 +4,7 @@
     python -m anomaly fit REF [REF ...] -o model.safetensors
     python -m anomaly predict model.safetensors IMAGE [IMAGE ...] [--out DIR] [--csv FILE]
         [--table results.parquet] [--engine ray [--workers N] [--address auto]]
+    python -m anomaly export model.safetensors -o part.onnx
     python -m anomaly bench [DIR ...] --shots 1 4 8 --seeds 0 1 2 --json out.json   (repo only)
 
 Each subcommand is an ``_add_<name>`` function that declares its arguments and a ``_run_<name>``
@@ -21,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .backbones import BACKBONE_PAIRS, WeightsUnavailableError
@@ -85,19 +87,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_fit(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a detector on good reference images and save it",
                        description="Fit on good images (files, or folders of images) and write "
-                                   "the detector, with its calibrated threshold, to one file.")
+                                   "the detector, with its calibrated thresholds, to one file.")
     p.add_argument("refs", nargs="+", type=Path, metavar="REF",
                    help=f"good image files, folders of them or glob patterns "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="MODEL",
                    help="where to write the detector (.safetensors)")
     p.add_argument("--seed", type=int, default=DetectorConfig.seed, help="training seed")
+    p.add_argument("--false-alarm-budget", type=float, default=DetectorConfig.false_alarm_budget,
+                   metavar="RATE", help=f"expected share of good parts not called OK (REVIEW or "
+                                        f"DEFECT); default: {DetectorConfig.false_alarm_budget:g}")
     _add_config_arguments(p)
     return p
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    config = _config(args, seed=args.seed)
+    config = replace(_config(args, seed=args.seed), false_alarm_budget=args.false_alarm_budget)
     _check_output_path(args.output)
     images = expand_inputs(args.refs)
     detector = PFMDetector(config)
@@ -106,7 +111,9 @@ def _run_fit(args: argparse.Namespace) -> int:
     path = detector.save(args.output)
     lo, hi = detector.score_range
     print(f"fitted on {report.n_references} images in {report.seconds:.1f} s; "
-          f"threshold {report.threshold:.4g} (score range {lo:.4g} to {hi:.4g}); saved {path}")
+          f"threshold {report.threshold:.4g} (REVIEW above it), defect threshold "
+          f"{detector.defect_threshold:.4g} (false-alarm budget {config.false_alarm_budget:g}; "
+          f"score range {lo:.4g} to {hi:.4g}); saved {path}")
     return 0
 
 
@@ -120,8 +127,8 @@ PROGRESS_SECONDS = 10.0                     # at most one progress line on stder
 def _add_predict(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score images with a saved detector",
                        description="Print one line per image: name, raw score, normalised "
-                                   "score (threshold = 0.5) and verdict (OK or DEFECT). "
-                                   "With --table, also write one row per image to a Parquet "
+                                   "score (threshold = 0.5) and verdict (OK, REVIEW or "
+                                   "DEFECT). With --table, also write one row per image to a Parquet "
                                    "or CSV file, streamed, in this process or on Ray.")
     p.add_argument("model", type=Path, help="a detector file written by 'fit'")
     p.add_argument("images", nargs="+", metavar="IMAGE",
@@ -130,14 +137,18 @@ def _add_predict(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="write a heatmap overlay <name>_overlay.png per image here")
     p.add_argument("--threshold", type=float, metavar="T",
-                   help="decision threshold in raw score units; default: the calibrated one")
+                   help="OK / REVIEW threshold in raw score units (the DEFECT threshold follows "
+                        "it); default: the calibrated one")
+    p.add_argument("--false-alarm-budget", type=float, metavar="RATE",
+                   help="re-threshold the detector for this expected share of good parts not "
+                        "called OK (e.g. 0.02); default: the budget it was fitted with")
     p.add_argument("--csv", type=Path, metavar="FILE",
                    help="also write the readable images' results (image, score, norm_score, "
-                        "verdict, threshold) as CSV")
+                        "verdict, threshold, defect_threshold) as CSV")
     p.add_argument("--table", type=Path, metavar="FILE",
                    help="write one row per image, unreadable ones included (path, score, "
-                        "norm_score, verdict, threshold, error): Parquet if FILE ends in "
-                        ".parquet, CSV if .csv")
+                        "norm_score, verdict, threshold, defect_threshold, error): Parquet "
+                        "if FILE ends in .parquet, CSV if .csv")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity in [0, 1]")
     p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local: score in this process; ray: in Ray actors (needs "
@@ -165,7 +176,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             _check_output_path(path)
     if args.table:
         check_table_path(args.table)
-    scorer = ImageScorer(args.model, args.threshold, args.alpha)   # checks the file, once
+    scorer = ImageScorer(args.model, args.threshold, args.alpha,    # checks the file, once
+                         false_alarm_budget=args.false_alarm_budget)
     images = expand_inputs(args.images)
     overlays = None
     if args.out:
@@ -179,6 +191,7 @@ def _run_predict(args: argparse.Namespace) -> int:
                              "pip install -r requirements-ray.txt") from err
         del scorer                          # the actors load their own
         rows = score_with_ray(args.model, images, overlays, threshold=args.threshold,
+                              false_alarm_budget=args.false_alarm_budget,
                               alpha=args.alpha, workers=args.workers, address=args.address)
     else:
         rows = score_local(scorer, images, overlays)
@@ -188,7 +201,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         if args.csv:
             results = csv.DictWriter(stack.enter_context(args.csv.open("w", newline="")),
                                      fieldnames=["image", "score", "norm_score", "verdict",
-                                                 "threshold"])
+                                                 "threshold", "defect_threshold"])
             results.writeheader()
         failed = _consume(rows, len(images), table, results)
     if failed:
@@ -212,7 +225,8 @@ def _consume(rows: Iterable[dict], total: int, table: TableWriter | None,
                   f"{row['verdict']}", flush=True)
             if results:
                 results.writerow({"image": row["path"], **{k: row[k] for k in
-                                  ("score", "norm_score", "verdict", "threshold")}})
+                                  ("score", "norm_score", "verdict", "threshold",
+                                   "defect_threshold")}})
         if table:
             table.write(row)
         now = time.perf_counter()
@@ -222,6 +236,39 @@ def _consume(rows: Iterable[dict], total: int, table: TableWriter | None,
     seconds = time.perf_counter() - start
     _err(f"scored {done} images in {seconds:.1f} s ({done / max(seconds, 1e-9):.1f} images/s)")
     return failed
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def _add_export(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="write a saved detector as one ONNX file for the line",
+                       description="Write the detector as one self-contained ONNX file (both "
+                                   "backbones, the fitted nets, the memory bank and the "
+                                   "smoothing inside; thresholds and config in its metadata), "
+                                   "to run without PyTorch: python -m anomaly.edge FILE IMAGE ...")
+    p.add_argument("model", type=Path, help="a detector file written by 'fit' (.safetensors)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                   help="where to write the ONNX file (.onnx)")
+    return p
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    _check_output_path(args.output)
+    detector = PFMDetector.load(args.model)
+    path = export_onnx(detector, args.output)
+    S = detector.config.image_size
+    inputs = f"image (1, {S}, {S}, 3) uint8 RGB"
+    if detector.config.resize == "pad":
+        inputs += ", content (2,) int64"
+    review = detector.threshold
+    defect = getattr(detector, "defect_threshold", review)
+    print(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB): {inputs} -> anomaly_map, score; "
+          f"thresholds {review:.4g} (review) / {defect:.4g} (defect); "
+          f"run it: python -m anomaly.edge {path} IMAGE ...")
+    return 0
 
 
 # ---------------------------------------------------------------------------- bench
@@ -255,6 +302,7 @@ COMMANDS = {
     "evaluate": (_add_evaluate, _run_evaluate),
     "fit": (_add_fit, _run_fit),
     "predict": (_add_predict, _run_predict),
+    "export": (_add_export, _run_export),
     "bench": (_add_bench, _run_bench),
 }
 

@@ -33,6 +33,7 @@ from torch import nn
 from .heads import BANK_CHUNKS, FittedHeads, ScoringHeads, mapping_parameters
 from .runtime import _EXPORT_LOCK
 from .scoring import SCORES
+from .viz import colour_range
 
 FORMAT = "pfm-anomaly-onnx"
 FORMAT_VERSION = "1"
@@ -121,12 +122,15 @@ def project_version() -> str:
         return "unknown"
 
 
-def metadata(detector) -> dict[str, str]:
-    """The ONNX file's metadata_props for a fitted detector, every value a string."""
+def metadata(detector, thresholds: tuple[float, float] | None = None) -> dict[str, str]:
+    """The ONNX file's metadata_props for a fitted detector, every value a string; ``thresholds``
+    (OK / REVIEW, REVIEW / DEFECT) default to the detector's calibrated ones."""
     cfg = detector.config
-    review = float(detector.threshold)
-    defect = float(detector.defect_threshold)
-    lo, hi = detector.score_range
+    review, defect = (detector.threshold, detector.defect_threshold) if thresholds is None else thresholds
+    review, defect = float(review), float(defect)
+    if not 0 < review <= defect:
+        raise ValueError(f"thresholds must satisfy 0 < threshold <= defect threshold, got {review}, {defect}")
+    lo, hi = colour_range(review, *detector.score_range)
     inputs = {"image": ["uint8", [1, cfg.image_size, cfg.image_size, 3], "RGB"]}
     if cfg.resize == "pad":
         inputs["content"] = ["int64", [2], "(h, w) of the resized image before padding"]
@@ -144,9 +148,10 @@ def metadata(detector) -> dict[str, str]:
     }
 
 
-def export_onnx(detector, path: str | Path) -> Path:
+def export_onnx(detector, path: str | Path, thresholds: tuple[float, float] | None = None) -> Path:
     """Write a fitted ``PFMDetector`` to ``path`` as one ONNX file (opset 17, float32
-    weights, metadata as in ``metadata``) -> the path. RuntimeError if it is not fitted."""
+    weights, metadata as in ``metadata``, with ``thresholds`` if given) -> the path.
+    RuntimeError if it is not fitted."""
     detector._require_fitted()
     path = Path(path)
     S = detector.config.image_size
@@ -168,7 +173,7 @@ def export_onnx(detector, path: str | Path) -> Path:
             dims.add().dim_value = n
     model.producer_name, model.producer_version = "anomaly-inspect", project_version()
     model.doc_string = "PFM anomaly detector: image (1, S, S, 3) uint8 -> anomaly_map (1, S, S), score (1,)"
-    onnx.helper.set_model_props(model, metadata(detector))
+    onnx.helper.set_model_props(model, metadata(detector, thresholds))
     onnx.checker.check_model(model)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)

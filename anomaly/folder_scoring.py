@@ -16,12 +16,13 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from .calibration import verdict as verdict_of
 from .datasets import IMAGE_EXTENSIONS, list_images
 from .detector import PFMDetector
 from .image_io import load_image
 from .postprocess import normalize
 
-COLUMNS = ("path", "score", "norm_score", "verdict", "threshold", "error")
+COLUMNS = ("path", "score", "norm_score", "verdict", "threshold", "defect_threshold", "error")
 TABLE_SUFFIXES = (".parquet", ".csv")
 GLOB_CHARACTERS = frozenset("*?[")
 
@@ -71,22 +72,32 @@ def overlay_paths(images: Sequence[Path], folder: Path) -> list[Path]:
 
 
 class ImageScorer:
-    """A saved detector with the decision threshold: one image file -> one table row.
+    """A saved detector with its two thresholds: one image file -> one table row.
 
-    ``threshold`` (raw score units) defaults to the detector's calibrated one; ``norm_score``
-    maps it to 0.5 over the same colour range as the overlays. Relative image and overlay paths
-    are taken relative to ``cwd`` (default: this process's working folder; a Ray actor is
-    given the driver's).
+    The thresholds (raw score units) are the detector's calibrated ones; ``false_alarm_budget``
+    re-thresholds the detector for that budget instead, and ``threshold`` sets the OK boundary
+    (the DEFECT boundary then follows it: ``PFMDetector.defect_threshold_for``); not both.
+    ``norm_score`` maps the threshold to 0.5 over the same colour range as the overlays.
+    Relative image and overlay paths are taken relative to ``cwd`` (default: this process's
+    working folder; a Ray actor is given the driver's).
     """
 
     def __init__(self, model: str | Path, threshold: float | None = None, alpha: float = 0.5,
-                 cwd: str | Path | None = None):
+                 cwd: str | Path | None = None, false_alarm_budget: float | None = None):
         from . import viz                   # matplotlib: imported only when it is needed
 
-        self.detector = PFMDetector.load(model)
-        self.threshold = float(self.detector.threshold if threshold is None else threshold)
-        if not math.isfinite(self.threshold):
+        if threshold is not None and false_alarm_budget is not None:
+            raise ValueError("give a threshold or a false-alarm budget, not both")
+        if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"threshold {threshold}; must be a finite number")
+        self.detector = PFMDetector.load(model)
+        if false_alarm_budget is not None:
+            self.detector.set_false_alarm_budget(false_alarm_budget)
+        if threshold is None:
+            self.threshold, self.defect_threshold = self.detector.threshold, self.detector.defect_threshold
+        else:
+            self.threshold = float(threshold)
+            self.defect_threshold = float(self.detector.defect_threshold_for(self.threshold))
         self.lo, self.hi = viz.colour_range(self.threshold, *self.detector.score_range)
         self.alpha = alpha
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
@@ -97,20 +108,21 @@ class ImageScorer:
         overlay PNG there."""
         from . import viz
 
+        thresholds = {"threshold": self.threshold, "defect_threshold": self.defect_threshold}
         try:
             image = load_image(self.cwd / path, name=str(path))
         except (ValueError, OSError) as err:
             return {"path": str(path), "score": None, "norm_score": None, "verdict": None,
-                    "threshold": self.threshold, "error": str(err)}
+                    **thresholds, "error": str(err)}
         pred = self.detector.predict(image)
         score = float(pred.pred_score)
+        verdict = verdict_of(score, self.threshold, self.defect_threshold)
         if overlay is not None:
-            viz.heatmap_overlay(image, pred.anomaly_map, self.threshold, self.lo, self.hi,
-                                self.alpha).save(self.cwd / overlay)
+            viz.heatmap_overlay(image, pred.anomaly_map, self.threshold, self.lo, self.hi, self.alpha,
+                                outline_colour=viz.OUTLINE_RGB[verdict]).save(self.cwd / overlay)
         return {"path": str(path), "score": score,
                 "norm_score": float(normalize(score, self.threshold, self.lo, self.hi)),
-                "verdict": "DEFECT" if score > self.threshold else "OK",
-                "threshold": self.threshold, "error": None}
+                "verdict": verdict, **thresholds, "error": None}
 
 
 def score_local(scorer: ImageScorer, images: Sequence[Path],
@@ -121,12 +133,14 @@ def score_local(scorer: ImageScorer, images: Sequence[Path],
 
 
 def arrow_schema():
-    """The table's Arrow schema: ``COLUMNS`` with their types, every column but path nullable."""
+    """The table's Arrow schema: ``COLUMNS`` with their types, every column but path nullable;
+    ``verdict`` is OK, REVIEW or DEFECT."""
     import pyarrow as pa
 
     return pa.schema([("path", pa.string()), ("score", pa.float64()),
                       ("norm_score", pa.float64()), ("verdict", pa.string()),
-                      ("threshold", pa.float64()), ("error", pa.string())])
+                      ("threshold", pa.float64()), ("defect_threshold", pa.float64()),
+                      ("error", pa.string())])
 
 
 def check_table_path(path: Path) -> None:

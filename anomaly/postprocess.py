@@ -1,8 +1,8 @@
 """Post-processing of anomaly scores and maps: normalisation, masks, outlines, thresholds.
 
 Small pure functions on floats and numpy arrays; no torch, no drawing. Raw scores are the
-detector's own units (larger = more anomalous); a pixel or image is a defect when its value is
-strictly greater than the threshold.
+detector's own units (larger = more anomalous); a pixel or image is above a threshold when its
+value is strictly greater than it (the verdicts: ``anomaly.calibration.verdict``).
 """
 from __future__ import annotations
 
@@ -133,3 +133,28 @@ def best_threshold(scores, labels) -> float:
         if distinct[i] >= 0:                                  # stay a valid (>= 0) threshold
             below = max(below, -distinct[i])
     return float((distinct[i] + below) / 2.0)
+
+
+JUST_BELOW = 1e-6      # relative step below a score: it survives rounding to float32
+
+
+def thresholds_with_labels(threshold: float, defect_threshold: float, good_scores,
+                           defect_scores) -> tuple[float, float]:
+    """The (OK, DEFECT) boundaries moved by the user's marks -> (threshold, defect_threshold).
+
+    ``good_scores`` (n,) and ``defect_scores`` (m,) are the scores of the results marked good
+    and marked defective. Where the lowest defective score s is not above ``defect_threshold``,
+    the DEFECT boundary moves just below s, so that the parts marked defective are DEFECT, but
+    never below the highest good score (where the marks overlap the good ones win) nor above
+    where it was; the OK boundary is then at most the DEFECT boundary. Without defective marks
+    nothing moves."""
+    defects = np.asarray(defect_scores, dtype=np.float64).ravel()
+    goods = np.asarray(good_scores, dtype=np.float64).ravel()
+    if not defects.size:
+        return float(threshold), float(defect_threshold)
+    lowest = float(defects.min())
+    if lowest <= defect_threshold:
+        below = math.nextafter(lowest - abs(lowest) * JUST_BELOW, -math.inf)
+        floor = float(goods.max()) if goods.size else -math.inf
+        defect_threshold = min(float(defect_threshold), max(below, floor))
+    return min(float(threshold), float(defect_threshold)), float(defect_threshold)

@@ -28,12 +28,12 @@ PACKAGE = Path(__file__).resolve().parent
 class _ActorScorer:
     """The ``map_batches`` callable class: one detector per actor, loaded in ``__init__``."""
 
-    def __init__(self, model: str, threshold: float | None, alpha: float, cwd: str,
-                 threads: int):
+    def __init__(self, model: str, threshold: float | None, false_alarm_budget: float | None,
+                 alpha: float, cwd: str, threads: int):
         import torch
 
         torch.set_num_threads(threads)      # before the backbones' runtime sessions are built
-        self.scorer = ImageScorer(model, threshold, alpha, cwd)
+        self.scorer = ImageScorer(model, threshold, alpha, cwd, false_alarm_budget)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.scorer.score(item["path"], item["overlay"]) for item in batch.to_pylist()]
@@ -42,10 +42,11 @@ class _ActorScorer:
 
 def score_with_ray(model: str | Path, images: Sequence[Path],
                    overlays: Sequence[Path] | None = None, *, threshold: float | None = None,
-                   alpha: float = 0.5, workers: int = 2, address: str | None = None,
-                   batch_size: int = BATCH_SIZE) -> Iterator[dict]:
+                   false_alarm_budget: float | None = None, alpha: float = 0.5, workers: int = 2,
+                   address: str | None = None, batch_size: int = BATCH_SIZE) -> Iterator[dict]:
     """Rows of ``images`` in order (as ``folder_scoring.score_local`` gives them), scored by
-    ``workers`` Ray actors.
+    ``workers`` Ray actors, each with an ``ImageScorer(model, threshold, alpha, cwd,
+    false_alarm_budget)``.
 
     Uses the Ray instance this process is already connected to; otherwise connects to
     ``address`` (``"auto"``: the cluster ``ray start`` started) or, without one, starts a local
@@ -76,6 +77,7 @@ def score_with_ray(model: str | Path, images: Sequence[Path],
             _ActorScorer, batch_size=per_call, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
             fn_constructor_kwargs={"model": str(Path(model).absolute()), "threshold": threshold,
+                                   "false_alarm_budget": false_alarm_budget,
                                    "alpha": alpha, "cwd": os.getcwd(),
                                    "threads": max(1, int(cpus))})
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):

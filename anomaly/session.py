@@ -9,6 +9,7 @@ browser:
     s.fit()
     s.inspect([("test.png", "test.png")])
     s.set_threshold(0.9); s.table()         # verdicts redrawn from the stored maps
+    s.suggestions()                         # the results worth a label most
 
 Images are shrunk to at most ``WORK_SIDE`` px on the longer side when they enter the session;
 that copy is what is scored, shown and exported, which bounds the memory of a session
@@ -39,13 +40,14 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .calibration import VERDICTS, verdict as verdict_of
 from .detector import DetectorConfig, FitReport, PFMDetector
 from .image_io import ImageLike, load_image
-from .postprocess import auroc, best_threshold, binary_mask, normalize, resize_map
+from .postprocess import auroc, best_threshold, binary_mask, normalize, resize_map, thresholds_with_labels
 from .settings import (DEFAULT_PAIR, MAX_RESULTS, MAX_TEST_BATCH, NO_DETECTOR, PARTS_TURN_ROTATION,
                        SMALL_DEFECTS_SIZE, THUMB_SIDE, WORK_SIDE)
 from .settings import MAX_SESSION_REFERENCES as MAX_REFERENCES
-from .viz import colour_range, framed, heatmap_overlay, mask_image, roc_figure, score_plot
+from .viz import OUTLINE_RGB, colour_range, framed, heatmap_overlay, mask_image, roc_figure, score_plot
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,16 @@ Progress = Callable[[float, str], None]
 
 CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrides (tests: fast fits)
 RETIRED_FILES_GRACE_S = 60                      # drawings no longer shown are deleted after this
+TABLE_ORDERS = ("score", "review")              # the table: highest score first, or REVIEW first
+REVIEW_FIRST = ("REVIEW", "DEFECT", "OK")       # the verdicts in the "review" order
 
 
 def detector_config(backbone: str = DEFAULT_PAIR, parts_turn: bool = False,
-                    small_defects: bool = False) -> DetectorConfig:
+                    small_defects: bool = False, false_alarm_budget: float | None = None
+                    ) -> DetectorConfig:
     """The config the app fits with: defaults, plus overrides from $ANOMALY_APP_CONFIG (JSON),
-    plus the visitor's two choices (``parts_turn``, ``small_defects``)."""
+    plus the visitor's choices (``parts_turn``, ``small_defects``, ``false_alarm_budget``:
+    None keeps the config's)."""
     overrides = json.loads(os.environ.get(CONFIG_ENV) or "{}")
     known = {f.name for f in fields(DetectorConfig)}
     if not isinstance(overrides, dict) or set(overrides) - known:
@@ -69,6 +75,8 @@ def detector_config(backbone: str = DEFAULT_PAIR, parts_turn: bool = False,
         overrides["rotation"] = PARTS_TURN_ROTATION
     if small_defects:
         overrides["image_size"] = SMALL_DEFECTS_SIZE
+    if false_alarm_budget is not None:
+        overrides["false_alarm_budget"] = float(false_alarm_budget)
     return DetectorConfig(**overrides)
 
 
@@ -119,7 +127,9 @@ class LabelSummary:
 
 
 class InspectionSession:
-    """Everything one visitor has: references, a detector, results, marks and a threshold."""
+    """Everything one visitor has: references, a detector, results, marks and two thresholds:
+    ``threshold`` (OK up to it; the app's slider) and ``defect_threshold`` (DEFECT above it,
+    REVIEW between the two)."""
 
     def __init__(self) -> None:
         self.references: list[Reference] = []
@@ -128,6 +138,9 @@ class InspectionSession:
         self.loaded_from_file = False
         self.results: list[Result] = []
         self.threshold: float | None = None
+        self.defect_threshold: float | None = None
+        self.false_alarm_budget: float | None = None   # the visitor's choice; None: the config's
+        self.table_order = "score"            # one of TABLE_ORDERS
         self.selected: int | None = None      # index into self.results
         self.fitting = False              # a fit (or a detector's rescoring) is under way
         self._photos = 0
@@ -204,8 +217,10 @@ class InspectionSession:
         """Fit a new detector on ``training_images()`` and rescore the results with it.
 
         The session keeps working while it fits (inspections use the current detector); the new
-        detector replaces it at the end. One fit at a time per session."""
-        return self._fit(detector_config(backbone, parts_turn, small_defects), progress)
+        detector replaces it at the end. One fit at a time per session. The fit's false-alarm
+        budget is the session's (``set_false_alarm_budget``)."""
+        return self._fit(detector_config(backbone, parts_turn, small_defects, self.false_alarm_budget),
+                         progress)
 
     def _fit(self, config: DetectorConfig, progress: Progress | None) -> FitReport:
         with self._fit_lock:
@@ -241,23 +256,35 @@ class InspectionSession:
                 self.fitting = False
 
     def score_files(self, files: Sequence[str | Path], alpha: float = 0.5) -> list[dict]:
-        """``score_records`` of these files by the session's detector at its current threshold;
+        """``score_records`` of these files by the session's detector at its current thresholds;
         the session's results are left as they are."""
         self.require_detector()
         with self._lock:
-            detector, threshold = self.detector, self.threshold
-        return score_records(detector, threshold, files, fresh_folder(self._folder()), alpha)
+            detector, thresholds = self.detector, (self.threshold, self.defect_threshold)
+        return score_records(detector, files, fresh_folder(self._folder()), alpha, thresholds)
 
     def save_detector(self) -> Path:
         """Write the fitted detector to this session's folder -> the .safetensors path."""
         self.require_detector()
         return self.detector.save(self._folder() / "detector.safetensors")
 
+    def export_onnx(self) -> Path:
+        """Write the fitted detector, at the session's current thresholds, as one ONNX file for
+        the line (``anomaly.export``; run it with ``anomaly.edge``) -> its path."""
+        from .export import export_onnx
+
+        with self._lock:
+            self.require_detector()
+            detector, thresholds = self.detector, (self.threshold, self.defect_threshold)
+        return export_onnx(detector, self._folder() / "detector.onnx", thresholds)
+
     def _switch_to(self, detector: PFMDetector, report: FitReport | None,
                    progress: Progress | None = None) -> None:
         """Make ``detector`` current (``report`` None: loaded from a file): rescore every result,
-        threshold back to calibrated. The rescoring runs outside the session's lock; results
-        added meanwhile are scored at the end. Nothing changes if the session was closed since."""
+        thresholds back to calibrated (with the marks' rule, ``reset_threshold``) and the
+        session's false-alarm budget the detector's. The rescoring runs outside the session's
+        lock; results added meanwhile are scored at the end. Nothing changes if the session was
+        closed since."""
         with self._lock:
             pending, generation = list(self.results), self._generation
         scored = dict(zip(map(id, pending), _score(detector, [r.image for r in pending], progress)))
@@ -270,8 +297,9 @@ class InspectionSession:
                 result.anomaly_map, result.score = scored[id(result)]
                 result.version += 1
                 self._retire(result)
-            self.detector, self.threshold = detector, detector.threshold
+            self.detector, self.false_alarm_budget = detector, detector.config.false_alarm_budget
             self.fit_report, self.loaded_from_file = report, report is None
+            self.reset_threshold()
 
     def require_detector(self) -> None:
         """A ValueError that says what to do when there is no detector yet."""
@@ -354,19 +382,48 @@ class InspectionSession:
 
     @property
     def calibrated_threshold(self) -> float:
+        """The detector's own OK / REVIEW boundary (its false-alarm budget's)."""
         self.require_detector()
         return self.detector.threshold
 
+    @_locked
     def set_threshold(self, value: float) -> None:
+        """The OK / REVIEW boundary (the slider); the DEFECT boundary follows it
+        (``PFMDetector.defect_threshold_for``)."""
         self.require_detector()
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"threshold must be a number >= 0, got {value}")
-        self.threshold = value
+        self.threshold, self.defect_threshold = value, self.detector.defect_threshold_for(value)
 
+    @_locked
     def reset_threshold(self) -> float:
-        self.threshold = self.calibrated_threshold
+        """Back to the detector's calibrated thresholds, moved by the marks
+        (``postprocess.thresholds_with_labels``) -> the threshold."""
+        self.require_detector()
+        marked = [r for r in self.results if r.label is not None]
+        self.threshold, self.defect_threshold = thresholds_with_labels(
+            self.detector.threshold, self.detector.defect_threshold,
+            [r.score for r in marked if not r.label], [r.score for r in marked if r.label])
         return self.threshold
+
+    @_locked
+    def set_false_alarm_budget(self, rate: float) -> None:
+        """The expected share of good parts not called OK (0 < rate < 1): the detector is
+        re-thresholded for it (nothing is refitted; later fits and saved files keep it) and the
+        session's thresholds go back to calibrated. Before a fit it is kept for the fit."""
+        rate = float(rate)
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"a false-alarm budget must lie strictly between 0 and 1, got {rate}")
+        if self.detector is not None:
+            self.detector.set_false_alarm_budget(rate)
+            self.reset_threshold()
+        self.false_alarm_budget = rate
+
+    def expected_false_alarm_rate(self) -> float:
+        """Estimated share of good parts that the current threshold does not call OK."""
+        self.require_detector()
+        return self.detector.expected_false_alarm_rate(self.threshold)
 
     def threshold_range(self) -> tuple[float, float, float]:
         """(minimum, maximum, step) for a threshold slider covering every score in the session."""
@@ -386,11 +443,9 @@ class InspectionSession:
         """The result's score on the 0-1 scale where the current threshold is 0.5."""
         return float(normalize(result.score, *self._norm_args()))
 
-    def is_defect(self, result: Result) -> bool:
-        return result.score > self.threshold
-
     def verdict(self, result: Result) -> str:
-        return "DEFECT" if self.is_defect(result) else "OK"
+        """OK, REVIEW or DEFECT at the current thresholds."""
+        return verdict_of(result.score, self.threshold, self.defect_threshold)
 
     def ranked(self) -> list[Result]:
         """The results, highest score first (a snapshot: later changes do not affect it)."""
@@ -402,24 +457,47 @@ class InspectionSession:
             i = self.selected
             return self.results[i] if i is not None and i < len(self.results) else None
 
-    def counts(self) -> tuple[int, int]:
-        """(number of DEFECT, number of OK) results at the current threshold."""
-        defects = sum(self.is_defect(r) for r in self.results)
-        return defects, len(self.results) - defects
+    def counts(self) -> dict[str, int]:
+        """{verdict: number of results} at the current thresholds, for every one of VERDICTS."""
+        verdicts = [self.verdict(r) for r in self.results]
+        return {v: verdicts.count(v) for v in VERDICTS}
 
-    def table(self) -> list[list]:
-        """Rows [image, verdict, score, score 0-1, your mark], highest score first."""
-        return [[r.name, self.verdict(r), round(r.score, 4), round(self.norm_score(r), 3),
+    def set_table_order(self, order: str) -> None:
+        """The order ``table()`` gives by default, one of TABLE_ORDERS."""
+        self.table_order = _checked_order(order)
+
+    def table(self, order: str | None = None) -> list[list]:
+        """Rows [image, verdict, score, score 0-1, your mark]; ``order`` (default: the session's
+        ``table_order``) "score": highest score first; "review": REVIEW first, then DEFECT, then
+        OK, each highest score first."""
+        order = self.table_order if order is None else _checked_order(order)
+        rows = [[r.name, self.verdict(r), round(r.score, 4), round(self.norm_score(r), 3),
                  _mark_text(r.label)] for r in self.ranked()]
+        if order == "review":
+            rows.sort(key=lambda row: REVIEW_FIRST.index(row[1]))     # stable: by score within
+        return rows
+
+    def suggestions(self, n: int = 3) -> list[Result]:
+        """The unmarked results a label would teach the most, at most ``n``: those in the REVIEW
+        band first, then the others; each group nearest the threshold first (in log score, the
+        scale on which good scores are modelled)."""
+        with self._lock:
+            self.require_detector()
+            unmarked = [r for r in self.results if r.label is None]
+            log_t = math.log(max(self.threshold, 1e-12))
+            return sorted(unmarked, key=lambda r: (self.verdict(r) != "REVIEW",
+                                                   abs(math.log(max(r.score, 1e-12)) - log_t)))[:n]
 
     def overlay(self, result: Result, alpha: float = 0.5, outline: bool = True,
-                side: int | None = None, threshold: float | None = None) -> Image.Image:
+                side: int | None = None, thresholds: tuple[float, float] | None = None) -> Image.Image:
         """The result's photo (optionally shrunk to ``side``) with heatmap and the outline of
-        ``threshold`` (default: the current one)."""
+        the region above the threshold, in its verdict's colour; ``thresholds`` (threshold,
+        defect threshold), default: the current ones."""
         image = result.image if side is None else shrink(result.image, side)
         lo, hi = self.detector.score_range
-        threshold = self.threshold if threshold is None else threshold
-        return heatmap_overlay(image, result.anomaly_map, threshold, lo, hi, alpha, outline)
+        threshold, defect = (self.threshold, self.defect_threshold) if thresholds is None else thresholds
+        return heatmap_overlay(image, result.anomaly_map, threshold, lo, hi, alpha, outline,
+                               OUTLINE_RGB[verdict_of(result.score, threshold, defect)])
 
     def result_map(self, result: Result) -> np.ndarray:
         """(H, W) float32 anomaly map at the size of the result's (kept) image."""
@@ -430,11 +508,12 @@ class InspectionSession:
         return float(binary_mask(result.anomaly_map, self.threshold).mean())
 
     def score_figure(self):
-        """Reference and test scores with the threshold line (matplotlib Figure)."""
+        """Reference and test scores with both threshold lines (matplotlib Figure)."""
         self.require_detector()
         labels = [r.label for r in self.results]
         return score_plot(self.detector.calibration_scores.numpy(), [r.score for r in self.results],
-                          self.threshold, labels if any(x is not None for x in labels) else None)
+                          self.threshold, self.defect_threshold,
+                          labels if any(x is not None for x in labels) else None)
 
     # ------------------------------------------------------------------ feedback
 
@@ -455,10 +534,17 @@ class InspectionSession:
     @_locked
     def select_ranked(self, position: int) -> Result:
         """Select the result at ``position`` in ``ranked()`` (as the gallery shows them)."""
-        ranked = self.ranked()
-        if not 0 <= position < len(ranked):
-            raise ValueError(f"no result number {position}; there are {len(ranked)}")
-        return self.select(self.results.index(ranked[position]))
+        return self._select_in(self.ranked(), position)
+
+    @_locked
+    def select_suggested(self, position: int) -> Result:
+        """Select the result at ``position`` in ``suggestions()`` (as the app lists them)."""
+        return self._select_in(self.suggestions(), position)
+
+    def _select_in(self, shown: list[Result], position: int) -> Result:
+        if not 0 <= position < len(shown):
+            raise ValueError(f"no result number {position}; there are {len(shown)}")
+        return self.select(self.results.index(shown[position]))
 
     def mark(self, which: int | str, label: bool | None, progress: Progress | None = None) -> FitReport | None:
         """Mark a result (its index or its name, looked up under the lock) good (False), defect
@@ -466,12 +552,21 @@ class InspectionSession:
 
         Marking good adds the image to the references, and taking that mark away removes it;
         both refit the detector (-> its FitReport). If the refit fails the mark is undone.
+        Marking defective moves the thresholds (``postprocess.thresholds_with_labels``: the
+        lowest score marked defective is DEFECT); taking that mark away puts them back to
+        calibrated with the remaining marks (``reset_threshold``), as does every refit.
         """
         with self._lock:
             result = self.select(which)
             old = result.label
             if (old is False) == (label is False):
                 result.label = label
+                if label:
+                    self.threshold, self.defect_threshold = thresholds_with_labels(
+                        self.threshold, self.defect_threshold, [r.score for r in self.marked_good],
+                        [r.score for r in self.results if r.label])
+                elif old:
+                    self.reset_threshold()
                 return None
             if self.loaded_from_file and not self.references:
                 raise ValueError("This detector was loaded from a file, which does not contain its "
@@ -508,8 +603,9 @@ class InspectionSession:
     def export_zip(self) -> Path:
         """ZIP of per image ``<name>_overlay.png``, ``_mask.png``, ``_map.npy`` and results.csv.
 
-        Maps and masks are at the size of the kept image (longer side <= WORK_SIDE); the CSV
-        lists file name, score, normalised score, verdict, threshold and the user's mark.
+        Maps and masks (above the threshold) are at the size of the kept image (longer side <=
+        WORK_SIDE); the CSV lists file name, score, normalised score, verdict (OK, REVIEW or
+        DEFECT), threshold, defect threshold and the user's mark.
         """
         self.require_detector()
         if not self.results:
@@ -517,7 +613,8 @@ class InspectionSession:
         path = self._folder() / "inspection_results.zip"
         table = io.StringIO()
         writer = csv.writer(table)
-        writer.writerow(["file", "score", "normalised_score", "verdict", "threshold", "mark"])
+        writer.writerow(["file", "score", "normalised_score", "verdict", "threshold",
+                         "defect_threshold", "mark"])
         stems: set[str] = set()
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
             for r in self.ranked():
@@ -530,7 +627,8 @@ class InspectionSession:
                 np.save(buffer, amap)
                 archive.writestr(f"{stem}_map.npy", buffer.getvalue())
                 writer.writerow([r.name, f"{r.score:.6g}", f"{self.norm_score(r):.4f}",
-                                 self.verdict(r), f"{self.threshold:.6g}", _mark_text(r.label)])
+                                 self.verdict(r), f"{self.threshold:.6g}",
+                                 f"{self.defect_threshold:.6g}", _mark_text(r.label)])
             archive.writestr("results.csv", table.getvalue())
         return path
 
@@ -544,7 +642,7 @@ class InspectionSession:
         """Free everything (called when the visitor's session ends); a fit under way is dropped
         when it finishes. The session can be used again from scratch."""
         self.references, self.results, self.detector = [], [], None
-        self.threshold, self.selected, self.fit_report = None, None, None
+        self.threshold, self.defect_threshold, self.selected, self.fit_report = None, None, None, None
         self._generation += 1
         self._retired = []
         if self._tmp is not None:
@@ -571,15 +669,16 @@ class InspectionSession:
         return result.files[key]
 
     def overlay_file(self, result: Result, alpha: float = 0.5, outline: bool = True) -> Path:
-        """JPEG of ``overlay(result, alpha, outline)`` at the current threshold (quality 92: 20x
+        """JPEG of ``overlay(result, alpha, outline)`` at the current thresholds (quality 92: 20x
         faster to write than a PNG); only the latest one per result is kept."""
         with self._lock:
-            threshold, version = self.threshold, result.version
-        key = ("overlay", version, threshold, round(float(alpha), 3), bool(outline))
+            thresholds, version = (self.threshold, self.defect_threshold), result.version
+        key = ("overlay", version, thresholds, round(float(alpha), 3), bool(outline))
         if key not in result.files:
             stale = [k for k in list(result.files) if k[0] == "overlay"]
             self._retire(result, stale)
-            result.files[key] = self._write(self.overlay(result, alpha, outline, threshold=threshold), "jpg")
+            drawn = self.overlay(result, alpha, outline, thresholds=thresholds)
+            result.files[key] = self._write(drawn, "jpg")
         return result.files[key]
 
     def photo_file(self, result: Result) -> Path:
@@ -616,37 +715,58 @@ class InspectionSession:
         self._retired = keep
 
 
-def score_records(detector: PFMDetector, threshold: float, files: Sequence[str | Path],
-                  folder: Path, alpha: float = 0.5) -> list[dict]:
+def score_records(detector: PFMDetector, files: Sequence[str | Path], folder: Path,
+                  alpha: float = 0.5, thresholds: tuple[float, float] | None = None) -> list[dict]:
     """Image files -> one JSON-ready record each, in order (the app's ``score`` API):
 
-    ``file`` (name), ``score`` (raw), ``score_0_1`` (threshold at 0.5), ``verdict`` (OK/DEFECT),
-    ``threshold``, ``area_above_threshold`` (fraction of the image), ``overlay`` (path of a JPEG
+    ``file`` (name), ``score`` (raw), ``score_0_1`` (threshold at 0.5), ``verdict`` (OK, REVIEW
+    or DEFECT), ``threshold`` and ``defect_threshold`` (``thresholds``, default: the
+    detector's), ``area_above_threshold`` (fraction of the image), ``overlay`` (path of a JPEG
     heatmap overlay written to ``folder``) and ``error`` (None, or why the file was not
     scored; its other values are then None). Images are shrunk to WORK_SIDE as in a session.
     """
     if len(files) > MAX_TEST_BATCH:
         raise ValueError(f"{len(files)} images at once; the limit is {MAX_TEST_BATCH} per call.")
+    threshold, defect = (detector.threshold, detector.defect_threshold) if thresholds is None else thresholds
     lo, hi = colour_range(threshold, *detector.score_range)
     records = []
     for i, path in enumerate(files):
         name = Path(path).name
         record = dict.fromkeys(("file", "score", "score_0_1", "verdict", "threshold",
-                                "area_above_threshold", "overlay", "error"))
-        record.update(file=name, threshold=threshold)
+                                "defect_threshold", "area_above_threshold", "overlay", "error"))
+        record.update(file=name, threshold=threshold, defect_threshold=defect)
         try:
             image = shrink(load_image(path, name=name))
         except (ValueError, OSError) as err:
             records.append({**record, "error": str(err)})
             continue
         (amap, score), = _score(detector, [image])
+        verdict = verdict_of(score, threshold, defect)
         overlay = folder / f"{i + 1:03d}_{Path(name).stem}_overlay.jpg"
-        heatmap_overlay(image, amap, threshold, lo, hi, alpha).save(overlay, quality=92)
+        heatmap_overlay(image, amap, threshold, lo, hi, alpha,
+                        outline_colour=OUTLINE_RGB[verdict]).save(overlay, quality=92)
         records.append({**record, "score": score, "score_0_1": float(normalize(score, threshold, lo, hi)),
-                        "verdict": "DEFECT" if score > threshold else "OK",
+                        "verdict": verdict,
                         "area_above_threshold": float(binary_mask(amap, threshold).mean()),
                         "overlay": str(overlay)})
     return records
+
+
+def false_alarm_words(rate: float) -> str:
+    """An expected false-alarm rate in words and as a percentage, e.g. 0.05 -> "About 1 in 20
+    good parts will be flagged (REVIEW or DEFECT): 5.0 % expected."."""
+    if rate < 1e-4:
+        share = "Fewer than 1 in 10,000 good parts"
+    elif rate >= 0.95:
+        share = "Nearly all good parts"
+    elif rate >= 0.2:
+        share = f"About {round(10 * rate)} in 10 good parts"
+    else:
+        n = 1.0 / rate
+        n = round(n) if n < 100 else int(round(n, 1 - int(math.log10(n))))   # 2 significant digits
+        share = f"About 1 in {n:,} good parts"
+    percent = f"{100 * rate:.1f}" if rate >= 0.01 else f"{100 * rate:.2g}"
+    return f"{share} will be flagged (REVIEW or DEFECT): {percent} % expected."
 
 
 def fresh_folder(parent: Path) -> Path:
@@ -700,6 +820,12 @@ def _unique(name: str, taken: set[str]) -> str:
     while f"{stem} ({n}){suffix}" in taken:
         n += 1
     return f"{stem} ({n}){suffix}"
+
+
+def _checked_order(order: str) -> str:
+    if order not in TABLE_ORDERS:
+        raise ValueError(f"the table can be sorted by one of {TABLE_ORDERS}, not {order!r}")
+    return order
 
 
 def _mark_text(label: bool | None) -> str:

@@ -22,5 +22,7 @@ WORK_SIDE = 768                    # longer side of the images a session keeps
 THUMB_SIDE = 224                   # longer side of gallery thumbnails
 PARTS_TURN_ROTATION = 180.0        # "parts lie at any angle": augment with any rotation
 SMALL_DEFECTS_SIZE = 384           # "small defects": a finer model resolution, slower
+FALSE_ALARM_BUDGETS = (0.01, 0.02, 0.05, 0.1)   # the app's choices of a false-alarm budget
+DEFAULT_FALSE_ALARM_BUDGET = 0.05  # DetectorConfig's default, for the page before torch loads
 NO_DETECTOR = ("No detector yet: fit one on good images (step 1) or load a saved detector "
                "file first.")

@@ -13,15 +13,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from .calibration import VERDICTS, verdict as verdict_of
 from .postprocess import auroc, best_threshold, binary_mask, normalize, region_outline, resize_map, roc_curve
 
 COLORMAP = "jet"                    # blue = normal, red = anomalous; threshold = middle (green)
 OUTLINE_COLOUR = (255, 0, 255)      # magenta: not in the colormap and rare in photos
 GAP_COLOUR = (255, 255, 255)
+REVIEW_LABEL_PX = 48                # the score plot names its REVIEW band when it is this wide
 REFERENCE_COLOUR = "tab:blue"
-OK_COLOUR = "tab:green"
-DEFECT_COLOUR = "tab:red"
-VERDICT_RGB = {"DEFECT": (214, 39, 40), "OK": (44, 160, 44)}   # tab:red, tab:green as in the plots
+VERDICT_COLOURS = {"OK": "tab:green", "REVIEW": "tab:orange", "DEFECT": "tab:red"}
+VERDICT_RGB = {"OK": (44, 160, 44), "REVIEW": (255, 127, 14), "DEFECT": (214, 39, 40)}  # the same
+OUTLINE_RGB = {"OK": OUTLINE_COLOUR, "REVIEW": VERDICT_RGB["REVIEW"], "DEFECT": OUTLINE_COLOUR}
+OUTLINE_NAMES = {"OK": "magenta", "REVIEW": "amber", "DEFECT": "magenta"}    # for the UI's text
+# REVIEW's outline is its amber; DEFECT's stays magenta, since red is the colormap's own top
+# (an OK image has a region above the threshold only where its map and score differ by rounding)
 
 
 def _check_map(anomaly_map) -> np.ndarray:
@@ -53,13 +58,15 @@ def outline_width(size: tuple[int, int]) -> int:
 
 
 def heatmap_overlay(image: Image.Image, anomaly_map, threshold: float, lo: float, hi: float,
-                    alpha: float = 0.5, outline: bool = True) -> Image.Image:
+                    alpha: float = 0.5, outline: bool = True,
+                    outline_colour: tuple[int, int, int] = OUTLINE_COLOUR) -> Image.Image:
     """Photo with the coloured anomaly map blended over it -> RGB image of the photo's size.
 
     anomaly_map (h, w) in raw score units, resized bilinearly to the photo's (H, W) if needed;
     colours come from ``normalize(map, threshold, lo, hi)`` so the threshold is mid-scale.
     alpha in [0, 1] is the heatmap's opacity. With ``outline``, the boundary of the region
-    ``map > threshold`` is drawn in OUTLINE_COLOUR, ``outline_width`` px wide.
+    ``map > threshold`` is drawn in ``outline_colour`` (RGB; the image's verdict's is
+    ``OUTLINE_RGB[verdict]``), ``outline_width`` px wide.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -72,12 +79,13 @@ def heatmap_overlay(image: Image.Image, anomaly_map, threshold: float, lo: float
     out = np.rint((1.0 - alpha) * photo + alpha * heat).astype(np.uint8)
     if outline:
         edge = region_outline(binary_mask(amap, threshold), outline_width(rgb.size))
-        out[edge] = OUTLINE_COLOUR
+        out[edge] = outline_colour
     return Image.fromarray(out)
 
 
 def framed(image: Image.Image, verdict: str) -> Image.Image:
-    """``image`` in a frame of its verdict's colour (VERDICT_RGB), 1/32 of its width (>= 4 px)."""
+    """``image`` in a frame of its verdict's colour (VERDICT_RGB: OK, REVIEW or DEFECT), 1/32
+    of its width (>= 4 px)."""
     return ImageOps.expand(image, border=max(4, image.width // 32), fill=VERDICT_RGB[verdict])
 
 
@@ -111,20 +119,25 @@ def _new_figure(width_in: float, height_in: float, margins: dict | None = None) 
     return fig
 
 
-def score_plot(reference_scores, test_scores, threshold: float,
+def score_plot(reference_scores, test_scores, threshold: float, defect_threshold: float,
                test_labels: Sequence[bool | None] | None = None) -> Figure:
-    """Strip plot of image scores against the threshold, 750 x 300 px.
+    """Strip plot of image scores against the two thresholds, 750 x 300 px.
 
     One row for the good references (k >= 1), one row of test scores, split into "marked good",
     "marked defect" and "unmarked" rows when ``test_labels`` (True = defect, None = unmarked)
-    is given. Test points are coloured by verdict (score > threshold = DEFECT).
+    is given. Test points are coloured by verdict (``calibration.verdict``): OK up to
+    ``threshold`` (dashed line), DEFECT above ``defect_threshold`` (dotted line, >= threshold),
+    REVIEW in the shaded band between them.
     """
     refs = np.asarray(reference_scores, dtype=np.float64).ravel()
     tests = np.asarray(test_scores, dtype=np.float64).ravel()
     if test_labels is not None and len(test_labels) != tests.size:
         raise ValueError(f"test_labels has {len(test_labels)} entries for {tests.size} test scores")
-    if not (np.all(np.isfinite(refs)) and np.all(np.isfinite(tests)) and np.isfinite(threshold)):
-        raise ValueError("scores and threshold must be finite numbers")
+    if not (np.all(np.isfinite(refs)) and np.all(np.isfinite(tests))
+            and np.isfinite(threshold) and np.isfinite(defect_threshold)):
+        raise ValueError("scores and thresholds must be finite numbers")
+    if defect_threshold < threshold:
+        raise ValueError(f"defect_threshold {defect_threshold} is below threshold {threshold}")
 
     rows: list[tuple[str, np.ndarray]] = [("good references", refs)]       # top to bottom
     if test_labels is None:
@@ -135,7 +148,7 @@ def score_plot(reference_scores, test_scores, threshold: float,
             rows.append((name, tests[np.array([m is want for m in marks], dtype=bool)]))
     rows = rows[:1] + [(name, values) for name, values in rows[1:] if values.size]
 
-    fig = _new_figure(7.5, 3.0, margins=dict(left=0.23, right=0.75, bottom=0.16, top=0.96))
+    fig = _new_figure(7.5, 3.0, margins=dict(left=0.23, right=0.7, bottom=0.16, top=0.96))
     ax = fig.add_subplot()
     jitter = np.random.default_rng(0)                       # same picture for the same scores
     handles = {}
@@ -144,30 +157,35 @@ def score_plot(reference_scores, test_scores, threshold: float,
         if name == "good references":
             groups = [("reference (good)", REFERENCE_COLOUR, values, ys)]
         else:
-            over = values > threshold
-            groups = [("verdict OK", OK_COLOUR, values[~over], ys[~over]),
-                      ("verdict DEFECT", DEFECT_COLOUR, values[over], ys[over])]
+            verdicts = np.array([verdict_of(v, threshold, defect_threshold) for v in values])
+            groups = [(f"verdict {v}", VERDICT_COLOURS[v], values[verdicts == v], ys[verdicts == v])
+                      for v in VERDICTS]
         for label, colour, xs, yy in groups:
             if xs.size:
                 handles[label] = ax.scatter(xs, yy, s=36, color=colour, alpha=0.85, zorder=3,
                                             edgecolors="black", linewidths=0.5)
     handles[f"threshold = {threshold:.3g}"] = ax.axvline(threshold, color="black", linestyle="--",
                                                          linewidth=1.5, zorder=2)
+    handles[f"DEFECT threshold = {defect_threshold:.3g}"] = ax.axvline(
+        defect_threshold, color="black", linestyle=":", linewidth=1.5, zorder=2)
 
-    everything = np.concatenate([refs, tests, [threshold]])
+    everything = np.concatenate([refs, tests, [threshold, defect_threshold]])
     low, high = float(everything.min()), float(everything.max())
     pad = 0.08 * (high - low) if high > low else max(abs(high), 1.0) * 0.1
     ax.set_xlim(low - pad, high + pad)
-    right_half = threshold > (low + high) / 2                 # label on the side with more room
-    ax.annotate("threshold", (threshold, 1.0), xycoords=("data", "axes fraction"),
-                xytext=(-3 if right_half else 3, -3), textcoords="offset points", va="top",
-                ha="right" if right_half else "left", fontsize=9)
+    if defect_threshold > threshold:
+        ax.axvspan(threshold, defect_threshold, color=VERDICT_COLOURS["REVIEW"], alpha=0.12, zorder=1)
+        band_px = (defect_threshold - threshold) / (high - low + 2 * pad) * ax.bbox.width
+        if band_px >= REVIEW_LABEL_PX:                       # named where the name fits
+            ax.annotate("REVIEW", ((threshold + defect_threshold) / 2, 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(0, -3),
+                        textcoords="offset points", va="top", ha="center", fontsize=9)
     ax.set_ylim(-0.6, len(rows) - 0.4)
     ax.set_yticks(range(len(rows)), [f"{name} ({values.size})" for name, values in reversed(rows)])
     ax.set_xlabel("anomaly score")
     ax.grid(axis="x", alpha=0.3)
-    order = [k for k in ("reference (good)", "verdict OK", "verdict DEFECT") if k in handles]
-    order += [k for k in handles if k not in order]                        # the threshold last
+    order = [k for k in ("reference (good)", *(f"verdict {v}" for v in VERDICTS)) if k in handles]
+    order += [k for k in handles if k not in order]                        # the thresholds last
     ax.legend([handles[k] for k in order], order, loc="upper left", bbox_to_anchor=(1.01, 1.0),
               fontsize=9, frameon=False)
     return fig
@@ -189,7 +207,7 @@ def roc_figure(scores, labels) -> Figure:
     fig = _new_figure(4.5, 4.0)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.plot(fpr, tpr, color=DEFECT_COLOUR, linewidth=2, label="ROC")
+    ax.plot(fpr, tpr, color=VERDICT_COLOURS["DEFECT"], linewidth=2, label="ROC")
     ax.scatter([best_fpr], [best_tpr], s=60, color="black", zorder=3,
                label=f"best threshold = {best:.3g}")
     ax.set_xlim(-0.02, 1.02)

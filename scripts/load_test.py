@@ -10,7 +10,7 @@ bottle and magnetic_tile references from ../shared/data (or $ANOMALY_DATA_DIR); 
 references [3*(i//2) : 3*(i//2)+3] of its category, so every session's references differ.
 Checks: no call errors; each session's results table holds only its own images; the threshold
 every predict reports is the one its own fit returned; thresholds of different sessions differ;
-the same test image scores differently in sessions fitted on different categories.
+sessions fitted on different categories do not give identical scores on every shared image.
 Redraw: afterwards, with the machine otherwise idle, one more session inspects --redraw-images
 images in one call and moves the threshold --redraw-moves times; each move's round trip (no file
 downloads, so it is the server's time plus loopback HTTP) is what a slider tick costs.
@@ -217,12 +217,14 @@ def check_isolation(sessions: list[dict]) -> list[str]:
             if a["threshold"] == b["threshold"]:
                 problems.append(f"sessions {a['index']} and {b['index']} (different references) "
                                 f"report the same threshold {a['threshold']}")
-            if a["category"] != b["category"]:
-                same = [n for n in set(a["scores"]) & set(b["scores"])
-                        if a["scores"][n] == b["scores"][n]]
-                if same:
+            shared = sorted(set(a["scores"]) & set(b["scores"]))
+            if a["category"] != b["category"] and len(shared) >= 3:
+                # Scores have float32 resolution (the table shows 4 decimals, steps of 1e-4 at
+                # scores of 1-4): detectors fitted on different parts agree on one image now and
+                # then, on every shared image only if one session scored with the other's.
+                if all(a["scores"][n] == b["scores"][n] for n in shared):
                     problems.append(f"sessions {a['index']} ({a['category']}) and {b['index']} "
-                                    f"({b['category']}) give identical scores for {same}")
+                                    f"({b['category']}) give identical scores for all of {shared}")
     return problems
 
 

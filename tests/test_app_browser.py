@@ -82,6 +82,20 @@ def read_table(page) -> dict[str, list[str]]:
     return {r[0]: [r.get(c, "") for c in range(1, 5)] for r in rows.values() if r.get(0)}
 
 
+def expected_verdict(raw: str, threshold: float, defect_threshold: float) -> str:
+    """The verdict of a score shown with 4 decimals (anomaly.calibration.verdict's rule)."""
+    from anomaly.calibration import verdict
+
+    return verdict(float(raw), threshold, defect_threshold)
+
+
+def shown_thresholds(page) -> tuple[float, float]:
+    """(threshold, DEFECT threshold) as the results summary states them."""
+    text = page.inner_text("#results-summary")
+    return (float(text.split("at threshold ")[1].split()[0]),
+            float(text.split("DEFECT above ")[1].split(")")[0]))
+
+
 def set_threshold(page, value: float) -> None:
     """Type a threshold into the slider's number box and wait until the page shows it."""
     box = page.locator("#threshold input[type=number]")
@@ -90,6 +104,11 @@ def set_threshold(page, value: float) -> None:
     page.wait_for_function(
         "t => document.querySelector('#results-summary').innerText.includes('threshold ' + t)",
         arg=f"{float(f'{value:.4f}'):.4g}", timeout=60_000)
+
+
+def percent_of(rate_text: str) -> float:
+    """The percentage in the expected-rate line ("...: 5.0 % expected. ...")."""
+    return float(rate_text.split("):")[1].split("%")[0])
 
 
 @pytest.mark.browser
@@ -119,14 +138,22 @@ def test_browser_workflow(server, brick, tmp_path):
             page.wait_for_selector("#fit-summary :text('Fitted on 7 good images')",
                                    timeout=FIT_TIMEOUT_MS)
             calibrated = float(page.locator("#threshold input[type=number]").input_value())
+            fit_summary = page.inner_text("#fit-summary")
+            assert "False-alarm budget 5 %" in fit_summary and "DEFECT above" in fit_summary
+            assert page.locator("#budget input").input_value() == "5 %"
+            rate = page.inner_text("#expected-rate")
+            assert "About 1 in 20 good parts will be flagged (REVIEW or DEFECT): 5.0 %" in rate, rate
 
             page.locator("#test-files input[type=file]").set_input_files([str(defect), str(good)])
             page.wait_for_selector("#results-summary :text('2 images')", timeout=120_000)
             table = read_table(page)
             assert set(table) == {defect.name, good.name}
             score = {name: float(row[1]) for name, row in table.items()}
+            threshold, defect_threshold = shown_thresholds(page)
+            assert threshold == pytest.approx(calibrated, rel=1e-3) and defect_threshold >= threshold
             for name, (verdict, raw, norm, _) in table.items():
-                assert verdict == ("DEFECT" if float(raw) > calibrated else "OK")
+                if abs(float(raw) - threshold) > 1e-3 and abs(float(raw) - defect_threshold) > 1e-3:
+                    assert verdict == expected_verdict(raw, threshold, defect_threshold)
                 assert 0.0 <= float(norm) <= 1.0
             assert score[defect.name] > score[good.name]
             box = page.locator("#threshold input[type=number]").input_value()
@@ -141,13 +168,19 @@ def test_browser_workflow(server, brick, tmp_path):
             middle = (score[defect.name] + score[good.name]) / 2
             set_threshold(page, middle)
             table = read_table(page)
-            assert (table[defect.name][0], table[good.name][0]) == ("DEFECT", "OK")
-            assert "1 DEFECT, 1 OK" in page.inner_text("#results-summary")
+            flagged = table[defect.name][0]
+            assert flagged in ("REVIEW", "DEFECT") and table[good.name][0] == "OK"
+            assert (f"{int(flagged == 'DEFECT')} DEFECT, {int(flagged == 'REVIEW')} REVIEW, 1 OK"
+                    in page.inner_text("#results-summary"))
             set_threshold(page, score[defect.name] * 1.05)          # above both: the defect flips
             table = read_table(page)
             assert (table[defect.name][0], table[good.name][0]) == ("OK", "OK")
+            assert "0 DEFECT, 0 REVIEW, 2 OK" in page.inner_text("#results-summary")
             assert [float(row[1]) for row in table.values()] == pytest.approx(
                 [score[n] for n in table], abs=1e-4)                  # scores do not move
+            high_rate = page.inner_text("#expected-rate")
+            assert high_rate != rate and "will be flagged (REVIEW or DEFECT)" in high_rate
+            assert percent_of(high_rate) < 5.0                      # a higher threshold flags fewer
 
             page.click("#export-zip")
             link = page.locator("#zip-file a").first
@@ -156,6 +189,41 @@ def test_browser_workflow(server, brick, tmp_path):
                 link.click()
             path = tmp_path / "results.zip"
             download.value.save_as(path)
+
+            # the good part just above the threshold: REVIEW; REVIEW first in the table
+            set_threshold(page, score[good.name] - 0.0005)
+            table = read_table(page)
+            assert table[good.name][0] == "REVIEW", table
+            page.locator("#table-order label", has_text="REVIEW first").click()
+            page.wait_for_function("""() => document.querySelector(
+                '#results-table [role=gridcell][data-row="0"][data-col="1"]'
+                )?.innerText.trim() === 'REVIEW'""", timeout=60_000)
+            page.locator("#table-order label", has_text="highest score first").click()
+
+            # teach it where it is unsure: a suggested image, selected and marked defective
+            captions = page.locator("#suggested-gallery .caption-label")
+            captions.first.wait_for(timeout=60_000)
+            assert sorted(c.split(" · ")[1] for c in captions.all_inner_texts()) == sorted(
+                [defect.name, good.name])
+            page.locator("#suggested-gallery .thumbnail-item", has_text=defect.name).click()
+            page.wait_for_function(
+                "n => document.querySelector('#selected-image input').value === n",
+                arg=defect.name, timeout=60_000)
+            page.click("#mark-defect")
+            page.wait_for_function(
+                "() => document.querySelector('#detail-text').innerText.includes('You marked it defect')",
+                timeout=60_000)
+            table = read_table(page)
+            assert (table[defect.name][0], table[defect.name][3]) == ("DEFECT", "defect"), table
+            assert table[good.name][0] == "REVIEW"
+            assert [c.split(" · ")[1] for c in captions.all_inner_texts()] == [good.name]
+
+            # the false-alarm budget control re-thresholds
+            page.click("#budget input")
+            page.locator("#budget [role=option]", has_text="1 %").first.click()
+            page.wait_for_selector("#fit-summary :text('False-alarm budget 1 %')", timeout=60_000)
+            page.wait_for_selector("#expected-rate :text('About 1 in 100 good parts')", timeout=60_000)
+            assert "Traceback" not in page.content()
         finally:
             browser.close()
 
@@ -165,6 +233,7 @@ def test_browser_workflow(server, brick, tmp_path):
                                                         for kind in ("overlay.png", "mask.png", "map.npy"))}
     rows = {row["file"]: row for row in csv.DictReader(io.StringIO(archive.read("results.csv").decode()))}
     assert {name: row["verdict"] for name, row in rows.items()} == {defect.name: "OK", good.name: "OK"}
+    assert float(rows[good.name]["defect_threshold"]) >= float(rows[good.name]["threshold"])
     assert float(rows[defect.name]["score"]) == pytest.approx(score[defect.name], abs=1e-4)
 
 

@@ -21,9 +21,13 @@ import pytest
 from PIL import Image
 
 from anomaly import session as session_module
+from anomaly.calibration import VERDICTS, verdict
 from anomaly.examples import example_sets
 from anomaly.detector import DetectorConfig
-from anomaly.session import CONFIG_ENV, InspectionSession, detector_config
+from anomaly.postprocess import thresholds_with_labels
+from anomaly.session import CONFIG_ENV, InspectionSession, detector_config, false_alarm_words
+from anomaly.settings import DEFAULT_FALSE_ALARM_BUDGET, FALSE_ALARM_BUDGETS
+from anomaly.viz import VERDICT_RGB
 from conftest import REPO, category_files, run_beside_app
 
 FAST_CONFIG = {"steps": 30, "views": 8, "image_size": 128}
@@ -59,8 +63,24 @@ def fitted(brick):
 
 def snapshot(s: InspectionSession):
     """What a failed action must leave alone."""
-    return (s.detector, s.threshold, [(r.key, r.score, r.label, id(r.anomaly_map)) for r in s.results],
-            len(s.references))
+    return (s.detector, s.threshold, s.defect_threshold,
+            [(r.key, r.score, r.label, id(r.anomaly_map)) for r in s.results], len(s.references))
+
+
+def borrowing(fitted: InspectionSession) -> InspectionSession:
+    """A new session with the fitted session's detector, at its calibrated thresholds (no fit)."""
+    s = InspectionSession()
+    s.detector = fitted.detector
+    s.reset_threshold()
+    return s
+
+
+def label_rule(s: InspectionSession) -> tuple[float, float]:
+    """The thresholds the session's marks give from its detector's calibrated ones."""
+    marked = [r for r in s.results if r.label is not None]
+    return thresholds_with_labels(s.detector.threshold, s.detector.defect_threshold,
+                                  [r.score for r in marked if not r.label],
+                                  [r.score for r in marked if r.label])
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -125,6 +145,34 @@ def test_detector_config_reads_overrides_and_keeps_the_backbone(monkeypatch):
     turned = detector_config("effnet-lite", parts_turn=True, small_defects=True)
     assert (turned.rotation, turned.image_size) == (180.0, 384)
     assert (DetectorConfig().rotation, DetectorConfig().image_size) == (15.0, 320)
+    assert detector_config(false_alarm_budget=0.02).false_alarm_budget == 0.02
+
+
+def test_the_pages_budget_choices_hold_the_detectors_default():
+    """The app's page is built before torch loads, from anomaly.settings: its default budget
+    must be DetectorConfig's."""
+    assert DEFAULT_FALSE_ALARM_BUDGET == DetectorConfig().false_alarm_budget
+    assert DEFAULT_FALSE_ALARM_BUDGET in FALSE_ALARM_BUDGETS
+
+
+@pytest.mark.parametrize("rate, words", [
+    (0.05, "About 1 in 20 good parts will be flagged (REVIEW or DEFECT): 5.0 % expected."),
+    (0.01, "About 1 in 100 good parts"), (0.0012, "About 1 in 830 good parts"),
+    (0.3, "About 3 in 10 good parts"), (0.97, "Nearly all good parts"),
+    (2e-6, "Fewer than 1 in 10,000 good parts"), (0.004, ": 0.4 % expected."),
+])
+def test_false_alarm_rates_in_words(rate, words):
+    assert words in false_alarm_words(rate)
+
+
+def test_a_budget_chosen_before_a_fit_is_kept_for_it():
+    s = InspectionSession()
+    s.set_false_alarm_budget(0.02)
+    assert s.false_alarm_budget == 0.02 and not s.is_fitted
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            s.set_false_alarm_budget(bad)
+    assert s.false_alarm_budget == 0.02
 
 
 def test_nothing_works_before_fit_and_says_what_to_do(brick):
@@ -132,7 +180,8 @@ def test_nothing_works_before_fit_and_says_what_to_do(brick):
     with pytest.raises(ValueError, match="at least one good reference"):
         s.fit()
     for action in (lambda: s.inspect([("a.png", brick.tests[0])]), s.export_zip, s.save_detector,
-                   lambda: s.set_threshold(1.0), s.score_figure):
+                   lambda: s.set_threshold(1.0), s.score_figure, s.suggestions,
+                   s.expected_false_alarm_rate, s.reset_threshold):
         with pytest.raises(ValueError, match="fit one on good images"):
             action()
     assert not s.is_fitted and s.results == []
@@ -174,11 +223,16 @@ def test_fit_and_inspect_give_sorted_verdicts_scores_and_maps(fitted, brick):
     S = FAST_CONFIG["image_size"]
     assert s.fit_report.n_references == len(brick.references)
     assert s.threshold == s.calibrated_threshold == s.detector.threshold
+    assert s.defect_threshold == s.detector.defect_threshold > s.threshold
+    assert s.false_alarm_budget == s.detector.config.false_alarm_budget == DetectorConfig().false_alarm_budget
+    assert s.expected_false_alarm_rate() == pytest.approx(s.false_alarm_budget, rel=1e-4)
     rows = s.table()
     assert [row[0] for row in rows] == [r.name for r in s.ranked()]
     assert [row[2] for row in rows] == sorted((row[2] for row in rows), reverse=True)
+    by_name = {r.name: r for r in s.results}
     for row in rows:
-        assert row[1] == ("DEFECT" if row[2] > s.threshold else "OK") and 0 <= row[3] <= 1
+        assert row[1] == verdict(by_name[row[0]].score, s.threshold, s.defect_threshold)
+        assert 0 <= row[3] <= 1
     for r in s.results:
         assert r.anomaly_map.shape == (S, S) and r.anomaly_map.dtype == np.float32
         assert r.score == pytest.approx(float(r.anomaly_map.max()), rel=1e-5)
@@ -187,7 +241,9 @@ def test_fit_and_inspect_give_sorted_verdicts_scores_and_maps(fitted, brick):
     defects = [v for k, v in by_name.items() if k.startswith("defect_")]
     goods = [v for k, v in by_name.items() if k.startswith("good_")]
     assert max(defects) > max(goods)            # at least the most visible defect stands out
-    assert s.counts()[0] >= 1 and s.results[s.selected].score == max(by_name.values())
+    counts = s.counts()
+    assert list(counts) == list(VERDICTS) and sum(counts.values()) == len(s.results)
+    assert counts["OK"] < len(s.results) and s.results[s.selected].score == max(by_name.values())
 
 
 @pytest.mark.slow
@@ -200,9 +256,13 @@ def test_threshold_redraws_verdicts_from_stored_maps(fitted, monkeypatch):
     assert lo <= scores[0] and scores[-1] <= hi and lo <= s.threshold <= hi and step > 0
     try:
         s.set_threshold(scores[-1] + 1e-6)
-        assert s.counts() == (0, len(scores))
+        assert s.counts() == {"OK": len(scores), "REVIEW": 0, "DEFECT": 0}
+        high_rate = s.expected_false_alarm_rate()
         s.set_threshold((scores[0] + scores[1]) / 2)
-        assert s.counts() == (len(scores) - 1, 1)
+        assert s.counts()["OK"] == 1
+        assert s.defect_threshold == s.detector.defect_threshold_for(s.threshold) >= s.threshold
+        assert s.expected_false_alarm_rate() == s.detector.expected_false_alarm_rate(s.threshold)
+        assert s.expected_false_alarm_rate() > high_rate          # a lower threshold flags more
         at = s.ranked()[-2]                     # the second lowest score
         s.set_threshold(at.score)
         assert s.norm_score(at) == pytest.approx(0.5) and s.verdict(at) == "OK"
@@ -213,7 +273,8 @@ def test_threshold_redraws_verdicts_from_stored_maps(fitted, monkeypatch):
             s.set_threshold(float("nan"))
     finally:
         s.reset_threshold()
-    assert s.threshold == s.detector.threshold and [id(r.anomaly_map) for r in s.results] == maps
+    assert (s.threshold, s.defect_threshold) == (s.detector.threshold, s.detector.defect_threshold)
+    assert [id(r.anomaly_map) for r in s.results] == maps
 
 
 @pytest.mark.slow
@@ -247,8 +308,7 @@ def test_unavailable_backbone_keeps_the_fitted_detector(fitted):
 
 @pytest.mark.slow
 def test_results_are_capped_oldest_first(fitted, brick, monkeypatch):
-    s = InspectionSession()
-    s.detector, s.threshold = fitted.detector, fitted.threshold        # no second fit needed
+    s = borrowing(fitted)                                   # no second fit needed
     monkeypatch.setattr(session_module, "MAX_RESULTS", 3)
     s.inspect([(f"first/{p.name}", p) for p in brick.tests[:2]])
     _, problems = s.inspect([(f"second/{p.name}", p) for p in brick.tests[:2]])
@@ -265,8 +325,7 @@ def test_results_are_capped_oldest_first(fitted, brick, monkeypatch):
 
 
 def test_marked_results_are_never_evicted(fitted, brick, monkeypatch):
-    s = InspectionSession()
-    s.detector, s.threshold = fitted.detector, fitted.threshold
+    s = borrowing(fitted)
     monkeypatch.setattr(session_module, "MAX_RESULTS", 2)
     s.inspect([(f"a/{p.name}", p) for p in brick.tests[:2]])
     s.results[0].label, s.results[1].label = True, False           # marked defect, marked good
@@ -289,11 +348,144 @@ def test_export_zip_has_overlay_mask_map_and_csv(fitted):
         assert float(row["score"]) == pytest.approx(r.score, rel=1e-4)
         assert float(row["normalised_score"]) == pytest.approx(s.norm_score(r), abs=1e-4)
         assert row["verdict"] == s.verdict(r)
+        assert float(row["defect_threshold"]) == pytest.approx(s.defect_threshold, rel=1e-5)
         mask = Image.open(io.BytesIO(archive.read(f"{stem}_mask.png")))
         amap = np.load(io.BytesIO(archive.read(f"{stem}_map.npy")))
         assert mask.mode == "L" and mask.size == r.image.size and amap.shape == mask.size[::-1]
         assert np.array_equal(np.asarray(mask) > 0, amap > s.threshold)
     assert len(names) == 3 * len(rows) + 1
+
+
+def three_bands(s: InspectionSession) -> None:
+    """Put the session's thresholds where its results fall in all three verdicts (at least
+    two results in REVIEW), as a visitor could by moving the slider and marking."""
+    scores = sorted(r.score for r in s.results)
+    s.threshold = (scores[0] + scores[1]) / 2
+    s.defect_threshold = (scores[-2] + scores[-1]) / 2
+
+
+@pytest.mark.slow
+def test_every_output_speaks_the_three_verdicts(fitted, tmp_path):
+    """Table (either order), counts, ZIP CSV, thumbnails, overlays and /score records carry
+    REVIEW beside OK and DEFECT, all from calibration.verdict."""
+    s = fitted
+    try:
+        three_bands(s)
+        expected = {r.name: verdict(r.score, s.threshold, s.defect_threshold) for r in s.results}
+        assert s.counts() == {"OK": 1, "REVIEW": len(s.results) - 2, "DEFECT": 1}
+        rows = s.table()
+        assert {row[0]: row[1] for row in rows} == expected
+        review_first = s.table(order="review")
+        assert [row[1] for row in review_first] == sorted(
+            (row[1] for row in rows), key=["REVIEW", "DEFECT", "OK"].index)
+        for verdict_rows in ([row for row in review_first if row[1] == v] for v in VERDICTS):
+            assert [row[2] for row in verdict_rows] == sorted((row[2] for row in verdict_rows),
+                                                              reverse=True)
+        s.set_table_order("review")
+        assert s.table() == review_first
+        with pytest.raises(ValueError, match="sorted by one of"):
+            s.set_table_order("name")
+        archive = zipfile.ZipFile(s.export_zip())
+        csv_rows = list(csv.DictReader(io.StringIO(archive.read("results.csv").decode())))
+        assert {row["file"]: row["verdict"] for row in csv_rows} == expected
+        for r in s.results:
+            with Image.open(s.thumbnail_file(r)) as thumb:
+                assert thumb.getpixel((0, 0)) == VERDICT_RGB[expected[r.name]]
+        reviewed = next(r for r in s.results if expected[r.name] == "REVIEW")
+        outline = np.all(np.asarray(s.overlay(reviewed, alpha=0.0)) == VERDICT_RGB["REVIEW"], axis=-1)
+        assert outline.any()                                   # the amber outline of REVIEW
+        files = [tmp_path / f"{i}_{r.name}" for i, r in enumerate(s.results)]
+        for path, r in zip(files, s.results):
+            r.image.save(path)
+        records = s.score_files(files)
+        assert [rec["verdict"] for rec in records] == [expected[r.name] for r in s.results]
+        assert {rec["defect_threshold"] for rec in records} == {s.defect_threshold}
+        assert s.score_figure().axes
+    finally:
+        s.set_table_order("score")
+        s.reset_threshold()
+
+
+@pytest.mark.slow
+def test_suggestions_are_the_unmarked_results_in_review_then_nearest_the_threshold(fitted):
+    s = borrowing(fitted)
+    s.inspect([(r.key, r.image) for r in fitted.results])
+    three_bands(s)
+    s.results[1].label = True                               # marked: never suggested
+
+    def distance(r):
+        return abs(np.log(r.score) - np.log(s.threshold))
+    suggested = s.suggestions()
+    unmarked = [r for r in s.results if r.label is None]
+    in_band = sorted((r for r in unmarked if s.verdict(r) == "REVIEW"), key=distance)
+    others = sorted((r for r in unmarked if s.verdict(r) != "REVIEW"), key=distance)
+    assert suggested == (in_band + others)[:3] and s.results[1] not in suggested
+    assert s.suggestions(n=10) == in_band + others
+    s.defect_threshold = s.threshold                        # no REVIEW band: nearest only
+    assert s.suggestions(2) == sorted(unmarked, key=distance)[:2]
+    assert s.select_suggested(1) is s.suggestions()[1] and s.current() is s.suggestions()[1]
+    with pytest.raises(ValueError, match="no result number 3"):
+        s.select_suggested(3)
+
+
+@pytest.mark.slow
+def test_a_defect_mark_moves_the_thresholds_and_removing_it_moves_them_back(fitted):
+    """Marking defective needs no refit: the lowest score marked defective becomes DEFECT (the
+    DEFECT threshold just below it, the threshold at most that); a reset keeps the rule, and
+    removing the mark goes back to calibrated."""
+    s = borrowing(fitted)
+    s.inspect([(r.key, r.image) for r in fitted.results])
+    calibrated = (s.threshold, s.defect_threshold)
+    target = min(s.results, key=lambda r: r.score)          # below even the threshold
+    assert s.verdict(target) == "OK"
+    assert s.mark(target.name, True) is None
+    assert s.verdict(target) == "DEFECT" and s.threshold <= s.defect_threshold < target.score
+    assert (s.threshold, s.defect_threshold) == label_rule(s)
+    assert all(s.verdict(r) == "DEFECT" for r in s.results)  # everything scores above it
+    s.set_threshold(calibrated[0])                           # the slider is the visitor's call
+    assert (s.threshold, s.defect_threshold) == pytest.approx(calibrated, rel=1e-6)
+    assert s.reset_threshold() == label_rule(s)[0]           # a reset keeps the marks' rule
+    s.mark(target.name, None)
+    assert (s.threshold, s.defect_threshold) == calibrated
+
+
+@pytest.mark.slow
+def test_the_false_alarm_budget_sets_the_thresholds_and_the_expected_rate(fitted):
+    s = fitted
+    detector, before = s.detector, s.false_alarm_budget
+    try:
+        rates = {}
+        for budget in (0.01, 0.1):
+            s.set_false_alarm_budget(budget)
+            assert (s.threshold, s.defect_threshold) == detector.thresholds_for(budget)
+            assert detector.config.false_alarm_budget == s.false_alarm_budget == budget
+            rates[budget] = (s.threshold, s.expected_false_alarm_rate())
+            assert rates[budget][1] == pytest.approx(budget, rel=1e-3)
+        assert rates[0.01][0] > rates[0.1][0]                 # a smaller budget: a higher threshold
+        with pytest.raises(ValueError, match="strictly between"):
+            s.set_false_alarm_budget(1.5)
+        assert detector.config.false_alarm_budget == 0.1
+    finally:
+        s.set_false_alarm_budget(before)
+    assert s.threshold == detector.threshold
+
+
+@pytest.mark.slow
+def test_the_line_export_carries_the_sessions_thresholds_and_verdicts(fitted, brick):
+    """"Download for the line": the ONNX file decides as the session does at the slider's
+    threshold, run by the torch-free runner."""
+    from anomaly.edge import EdgeDetector
+
+    s = InspectionSession()
+    s.load_detector(fitted.save_detector())
+    s.inspect([(str(p), p) for p in brick.tests])
+    scores = sorted(r.score for r in s.results)
+    s.set_threshold((scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2)   # moved by hand
+    edge = EdgeDetector(s.export_onnx())
+    assert (edge.threshold_review, edge.threshold_defect) == pytest.approx((s.threshold, s.defect_threshold))
+    for result in s.results:
+        assert edge.verdict(result.score) == s.verdict(result)
+    s.close()
 
 
 @pytest.mark.slow
@@ -302,6 +494,8 @@ def test_saved_detector_loads_in_a_new_session_with_the_same_scores(fitted, bric
     s = InspectionSession()
     s.load_detector(path)
     assert s.threshold == pytest.approx(fitted.calibrated_threshold) and s.loaded_from_file
+    assert s.defect_threshold == pytest.approx(fitted.detector.defect_threshold)
+    assert s.false_alarm_budget == fitted.false_alarm_budget
     s.inspect([(str(p), p) for p in brick.tests])
     assert [r.score for r in s.results] == pytest.approx([r.score for r in fitted.results], rel=1e-5)
     with pytest.raises(ValueError, match="does not contain its reference images"):
@@ -326,14 +520,20 @@ def test_a_corrupt_detector_file_is_refused_and_changes_nothing(fitted, tmp_path
 def test_marks_refit_and_give_auroc_and_a_suggested_threshold(brick):
     s = InspectionSession()
     s.set_references(brick.references[:4])
+    s.set_false_alarm_budget(0.02)                             # chosen before the fit
     s.fit()
+    assert s.detector.config.false_alarm_budget == 0.02
     s.inspect([(str(p), p) for p in brick.tests])
     index = {r.name: i for i, r in enumerate(s.results)}
     defect = max(s.results, key=lambda r: r.score).name
     assert s.mark(index[defect], True) is None                 # no refit for a defect mark
+    assert s.verdict(s.results[index[defect]]) == "DEFECT"
     assert s.label_summary() is None                           # one kind only
     report = s.mark(index["good_01.png"], False)               # joins the references: refit
     assert report.n_references == 5 and len(s.training_images()) == 5
+    assert s.detector.config.false_alarm_budget == 0.02        # the refit keeps the budget
+    assert (s.threshold, s.defect_threshold) == label_rule(s)  # calibrated, then the marks' rule
+    assert s.verdict(s.results[index[defect]]) == "DEFECT"
     assert [c for _, c in s.reference_gallery()][-1] == "good_01.png (marked good)"
     summary = s.label_summary()
     assert (summary.n_good, summary.n_defect) == (1, 1) and summary.auroc == 1.0
@@ -420,26 +620,46 @@ out["weights_error"] = message(no_weights)
 refs, tests = example_sets()["brick_wall"]
 s, gallery, count = app.set_references(None, [str(p) for p in refs[:3]])
 out["count"] = count
-s, fit_md, slider, gallery, count, *view = app.fit(s, "effnet-lite", False, False, 0.5, True, progress)
+s, fit_md, slider, budget, gallery, count, *view = app.fit(s, "effnet-lite", False, False, 0.5, True,
+                                                           progress)
 out["fit_md"] = fit_md
+out["budget"] = [budget.value, [value for _, value in budget.choices]]
 out["slider"] = [slider.minimum, slider.maximum, slider.value]
 digits = max(0, -math.floor(math.log10(slider.step)))
 out["slider_rounded"] = all(round(v, digits) == v for v in out["slider"])
-slider, summary, table, results, selector, detail, detail_md, plot, labels, roc = app.inspect_files(
-    s, [str(p) for p in tests], 0.5, True, progress)
+(slider, summary, table, results, selector, detail, detail_md, plot, rate, suggested, labels,
+ roc) = app.inspect_files(s, [str(p) for p in tests], 0.5, True, progress)
 out["summary"] = summary
+out["rate"] = rate
+out["suggested"] = [caption for _, caption in suggested]
+out["suggested_are_sessions"] = [r.name for r in s.suggestions()] == [c.split(" · ")[1]
+                                                                     for _, c in suggested]
 out["rows"] = len(table)
 out["gallery"] = len(results)
 out["detail"] = [Image.open(path).size for path in detail]
-summary, _, thumbs, *_, labels, roc = app.set_threshold(s, 1e9, 0.5, True)
+summary, _, thumbs, *_, rate, suggested, labels, roc = app.set_threshold(s, 1e9, 0.5, True)
 out["summary_high"] = summary
+out["rate_high"] = rate
 out["marks_left_alone"] = labels is gr.skip() or labels == gr.skip()
 summary, _, same_verdicts, *_ = app.set_threshold(s, 2e9, 0.5, True)
 out["gallery_left_alone"] = same_verdicts is gr.skip() or same_verdicts == gr.skip()
-summary, _, flipped, *_ = app.set_threshold(s, 0.0, 0.5, True)
+summary, _, flipped, *_, rate, _, _, _ = app.set_threshold(s, 0.0, 0.5, True)
+out["rate_zero"] = rate
 summary, _, back, *_ = app.set_threshold(s, 1e9, 0.5, True)
 out["thumbnails_reused"] = [p for p, _ in back] == [p for p, _ in thumbs] != [p for p, _ in flipped]
 out["thumbnails_framed"] = all(Image.open(p).getpixel((0, 0)) == (44, 160, 44) for p, _ in thumbs)
+s, fit_md, slider, summary, *_, rate, suggested, labels, roc = app.set_false_alarm_budget(s, 0.01, 0.5, True)
+out["budget_fit_md"], out["budget_rate"] = fit_md, rate
+out["budget_slider"] = [slider.value, s.detector.threshold, s.detector.thresholds_for(0.01)[0]]
+s, review_first = app.set_table_order(s, "review")
+out["review_first"] = [row[1] for row in review_first]
+out["review_sorted"] = out["review_first"] == sorted(out["review_first"],
+                                                    key=["REVIEW", "DEFECT", "OK"].index)
+out["table_kept_order"] = [row[1] for row in app.redraw(s, 0.5, True)[1]] == out["review_first"]
+app.set_table_order(s, "score")
+app.set_false_alarm_budget(s, 0.05, 0.5, True)
+fresh, *_ = app.set_false_alarm_budget(None, 0.02, 0.5, True)     # before any fit: kept for it
+out["budget_before_fit"] = fresh.false_alarm_budget
 s.last_used -= app.SESSION_TTL_S - 5           # nearly expired, then used: idle time restarts
 app.set_threshold(s, 1.0, 0.5, True)
 out["touched"] = time.monotonic() - s.last_used < 60
@@ -487,7 +707,8 @@ def test_app_handlers_in_a_child_process():
     assert out["backbones_loaded_at_import"] == 0
     assert {"fit", "inspect", "inspect_photo", "set_threshold", "reset_threshold", "set_references",
             "mark_good", "mark_defect", "clear_mark", "use_suggested_threshold", "save_detector",
-            "load_detector", "export_zip", "load_example", "select", "clear_results"} <= set(out["api_names"])
+            "load_detector", "export_zip", "export_onnx", "load_example", "select", "clear_results",
+            "set_false_alarm_budget", "set_table_order"} <= set(out["api_names"])
     assert out["default_address"] == ["127.0.0.1", 7860]
     assert out["env_address"] == ["0.0.0.0", 9000]
     assert out["space_address"] == ["0.0.0.0", 7861]
@@ -508,14 +729,28 @@ def test_app_handlers_in_a_child_process():
     assert out["results_kept"] and out["removal_at_cap"] == 1
     assert out["count"].startswith("**3 good images**")
     assert out["fit_md"].startswith("**Fitted on 3 good images")
+    assert "False-alarm budget **5 %**: About 1 in 20 good parts" in out["fit_md"]
+    assert "REVIEW above **" in out["fit_md"] and "DEFECT above **" in out["fit_md"]
     assert "Rough threshold" in out["fit_md"] and "1 of your 3 images" in out["fit_md"]
     assert "Rough threshold" not in out["fit_md_4"]
     assert out["touched"] and out["reaped"] == 1 and out["idle_freed"] and out["busy_kept"]
     lo, hi, value = out["slider"]
     assert lo <= value <= hi
     assert out["rows"] == out["gallery"] == 6 and out["summary"].startswith("**6 images:")
+    assert all(part in out["summary"] for part in (" DEFECT, ", " REVIEW, ", "DEFECT above"))
     assert out["detail"][0] == out["detail"][1]
-    assert "0 DEFECT, 6 OK" in out["summary_high"]
+    assert "0 DEFECT, 0 REVIEW, 6 OK" in out["summary_high"]
+    assert "About 1 in 20 good parts will be flagged (REVIEW or DEFECT): 5.0 %" in out["rate"]
+    assert "False-alarm budget: 5 %." in out["rate"]
+    assert "Fewer than 1 in 10,000" in out["rate_high"] and "Nearly all" in out["rate_zero"]
+    assert 1 <= len(out["suggested"]) <= 3 and out["suggested_are_sessions"]
+    assert out["budget"] == [0.05, [0.01, 0.02, 0.05, 0.1]]
+    assert "False-alarm budget **1 %**" in out["budget_fit_md"]
+    assert "About 1 in 100 good parts" in out["budget_rate"]
+    slider, threshold, wanted = out["budget_slider"]
+    assert threshold == wanted and slider == pytest.approx(threshold, abs=0.01)
+    assert out["review_sorted"] and out["table_kept_order"]
+    assert out["budget_before_fit"] == 0.02
     assert out["zip"] and out["empty_view"] == "No results yet."
 
 
@@ -629,7 +864,7 @@ def test_the_session_keeps_answering_while_it_fits(brick):
         release.set()
         refit.join(120)
     assert s.detector is not first and not s.fitting
-    assert s.threshold == s.detector.threshold        # back to the new calibrated threshold
+    assert (s.threshold, s.defect_threshold) == label_rule(s)   # the new calibrated ones, marked
     fresh = s.detector.predict([r.image for r in s.results], resolution="model")
     assert [r.score for r in s.results] == pytest.approx([p.pred_score for p in fresh], rel=1e-5)
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from anomaly import cli
 from anomaly.datasets import load_mask
-from anomaly.detector import DetectorConfig
+from anomaly.calibration import verdict as verdict_of
+from anomaly.detector import DetectorConfig, PFMDetector
 from anomaly.evaluate import ROW_KEYS, evaluate_category, format_table, summarise
 from conftest import REPO, category_files
 
@@ -57,7 +58,7 @@ def fitted(data_dir, tmp_path_factory):
     refs = category_files(data_dir, "bottle", "train/good", 2)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = cli.main(["fit", *map(str, refs), "-o", str(model), *FAST])
+        code = cli.main(["fit", *map(str, refs), "-o", str(model), *FAST, "--false-alarm-budget", "0.1"])
     assert code == 0, err.getvalue()
     return model, out.getvalue(), err.getvalue()
 
@@ -68,6 +69,10 @@ def test_fit_then_predict_round_trip(fitted, data_dir, tmp_path):
     assert stdout.startswith("fitted on 2 images") and "threshold" in stdout and model.is_file()
     assert "[100%] done" in stderr                                  # progress went to stderr
     threshold = float(stdout.split("threshold ")[1].split()[0])
+    defect = float(stdout.split("defect threshold ")[1].split()[0])
+    saved = PFMDetector.load(model)
+    assert "false-alarm budget 0.1;" in stdout and saved.config.false_alarm_budget == 0.1
+    assert (threshold, defect) == pytest.approx(saved.thresholds_for(0.1), rel=1e-3)
 
     tile = category_files(data_dir, "magnetic_tile", "test/good", 1)[0]   # grey JPEG, not square
     images = [*category_files(data_dir, "bottle", "test/broken_large", 2), tile]
@@ -80,10 +85,14 @@ def test_fit_then_predict_round_trip(fitted, data_dir, tmp_path):
     for line in lines:
         _, score, norm, verdict = line.split("\t")
         assert 0.0 <= float(norm) <= 1.0
-        assert verdict == ("DEFECT" if float(norm) > 0.5 else "OK")
+        assert verdict in ("OK", "REVIEW", "DEFECT") and (verdict != "OK") == (float(norm) > 0.5)
     rows = list(csv.DictReader(results.open()))
     assert [Path(r["image"]).name for r in rows] == [p.name for p in images]
     assert float(rows[0]["threshold"]) == pytest.approx(threshold, rel=1e-3)
+    assert float(rows[0]["defect_threshold"]) == pytest.approx(defect, rel=1e-3)
+    for row in rows:
+        assert row["verdict"] == verdict_of(float(row["score"]), float(row["threshold"]),
+                                            float(row["defect_threshold"]))
     overlays = sorted((tmp_path / "overlays").iterdir())
     assert [p.name for p in overlays] == ["000_overlay.png", "001_overlay.png",
                                           f"{tile.stem}_overlay.png"]
@@ -102,7 +111,7 @@ def test_predict_reports_a_bad_image_and_still_scores_the_rest(fitted, data_dir,
     assert code == 2
     assert err.startswith("error: ") and "junk.png" in err
     name, _, _, verdict = out.strip().split("\t")
-    assert (name, verdict) == (good.name, "DEFECT")                 # every score exceeds 0
+    assert name == good.name and verdict in ("REVIEW", "DEFECT")    # every score exceeds 0
 
 
 BAD_INPUT = [
@@ -112,6 +121,8 @@ BAD_INPUT = [
     (["fit", "{tmp}/empty", "-o", "{tmp}/m.safetensors"], "folder holds no images"),
     (["fit", "{tmp}/junk.png", "-o", "{tmp}/no/m.safetensors"], "does not exist"),
     (["fit", "{tmp}/junk.png", "-o", "{tmp}/m.safetensors", "--image-size", "100"], "image_size"),
+    (["fit", "{tmp}/junk.png", "-o", "{tmp}/m.safetensors", "--false-alarm-budget", "0.9"],
+     "false_alarm_budget"),
     (["evaluate", "{tmp}/empty"], "train/good"),
     (["evaluate", "{tmp}/empty", "--seeds", "-1"], "--seeds -1"),
 ]
@@ -136,7 +147,11 @@ class OracleDetector:
 
     def __init__(self, config: DetectorConfig, masks: dict, threshold: float = 0.5):
         self.config, self.masks, self.threshold = config, masks, threshold
+        self.defect_threshold = threshold                  # no REVIEW band
         self.fitted_on = None
+
+    def expected_false_alarm_rate(self, threshold):
+        return 0.0
 
     def fit(self, images):
         self.fitted_on = list(images)
@@ -185,6 +200,7 @@ def test_evaluate_category_with_an_oracle_detector(tmp_path, with_masks):
     assert made[0].config.seed == 1                                     # training seed = seed
     assert (row["image_auroc"], row["f1_max"]) == (1.0, 1.0)
     assert (row["false_alarm_rate"], row["miss_rate"]) == (0.0, 0.0)
+    assert (row["review_rate"], row["miss_rate_at_5pct_false_alarms"], row["predicted_false_alarm_rate"]) == (0, 0, 0)
     if with_masks:
         assert (row["pixel_auroc"], row["aupro"]) == (1.0, pytest.approx(1.0))
     else:
@@ -193,7 +209,9 @@ def test_evaluate_category_with_an_oracle_detector(tmp_path, with_masks):
 
 def _row(category, shots, seed, **values):
     base = dict(backbone="effnet-lite", image_auroc=0.9, pixel_auroc=0.8, aupro=0.7, f1_max=0.6,
-                fit_seconds=10.0, predict_ms=70.0, false_alarm_rate=0.1, miss_rate=0.2)
+                fit_seconds=10.0, predict_ms=70.0, false_alarm_rate=0.1, predicted_false_alarm_rate=0.05,
+                miss_rate=0.2, review_rate=0.15, defect_false_alarm_rate=0.0, defect_miss_rate=0.3,
+                miss_rate_at_5pct_false_alarms=0.25)
     return dict(category=category, shots=shots, seed=seed, **{**base, **values})
 
 
@@ -213,5 +231,5 @@ def test_format_table_is_markdown_with_a_mean_row():
     assert len({line.count("|") for line in lines}) == 1               # same column count
     assert lines[1].startswith("|---|")
     assert lines[2] == ("| bottle | effnet-lite | 8 | 1 | 0.900 | 0.800 | 0.700 | 0.600 | "
-                        "10.0% | 20.0% | 10.0 | 70 |")
+                        "10.0% | 5.0% | 20.0% | 15.0% | 0.0% | 30.0% | 25.0% | 10.0 | 70 |")
     assert lines[4].startswith("| mean | effnet-lite | 8 | 1 | 0.900 | n/a | 0.600 |")

@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from anomaly import cli
+from anomaly.calibration import verdict
 from anomaly.detector import DetectorConfig, PFMDetector
 from anomaly.folder_scoring import (COLUMNS, ImageScorer, TableWriter, expand_inputs,
                                     score_local)
@@ -56,7 +57,7 @@ def _check_same(rows_a, rows_b, n_images):
         if a["error"] is None:
             assert a["score"] == pytest.approx(b["score"], abs=1e-5)
             assert a["norm_score"] == pytest.approx(b["norm_score"], abs=1e-5)
-            assert a["threshold"] == b["threshold"]
+            assert (a["threshold"], a["defect_threshold"]) == (b["threshold"], b["defect_threshold"])
 
 
 def test_ray_and_local_engines_give_the_same_rows(model, images, ray_cluster):
@@ -72,7 +73,7 @@ def test_ray_and_local_engines_give_the_same_rows(model, images, ray_cluster):
     for row in local:
         if row["error"] is None:
             assert 0.0 <= row["norm_score"] <= 1.0
-            assert row["verdict"] == ("DEFECT" if row["score"] > row["threshold"] else "OK")
+            assert row["verdict"] == verdict(row["score"], row["threshold"], row["defect_threshold"])
     assert ray.is_initialized()                       # a cluster it did not start stays up
 
 
@@ -94,22 +95,63 @@ def test_predict_command_on_ray_writes_the_local_table(model, images, ray_cluste
     table = pq.read_table(tmp_path / "ray.parquet")
     assert table.column_names == list(COLUMNS)
     assert [str(t) for t in table.schema.types] == ["string", "double", "double", "string",
-                                                    "double", "string"]
+                                                    "double", "double", "string"]
     with (tmp_path / "local.csv").open(newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == COLUMNS
-        local = [{k: (float(v) if k in ("score", "norm_score", "threshold") and v else v or None)
-                  for k, v in row.items()} for row in reader]
+        local = [{k: (float(v) if k in ("score", "norm_score", "threshold", "defect_threshold") and v
+                      else v or None) for k, v in row.items()} for row in reader]
     _check_same(local, table.to_pylist(), len(images))
     assert local[4]["path"] == "truncated.png" and local[4]["score"] is None
     overlays = sorted(p.name for p in (tmp_path / "overlays").iterdir())
     assert len(overlays) == len(images) - 1 and "000_overlay_2.png" in overlays
 
 
+def test_scorer_thresholds_from_the_detector_a_budget_or_a_threshold(model):
+    detector = PFMDetector.load(model)
+    calibrated = ImageScorer(model)
+    assert (calibrated.threshold, calibrated.defect_threshold) == (detector.threshold,
+                                                                   detector.defect_threshold)
+    budget = ImageScorer(model, false_alarm_budget=0.01)
+    assert (budget.threshold, budget.defect_threshold) == detector.thresholds_for(0.01)
+    assert budget.threshold > calibrated.threshold
+    given = ImageScorer(model, threshold=detector.threshold * 0.9)
+    assert given.defect_threshold == detector.defect_threshold_for(detector.threshold * 0.9)
+    with pytest.raises(ValueError, match="not both"):
+        ImageScorer(model, threshold=1.0, false_alarm_budget=0.01)
+
+
+def test_predict_rows_carry_review(model, images, tmp_path, capsys):
+    """With a threshold below every score and the DEFECT threshold following it, the rows say
+    REVIEW or DEFECT by the one verdict rule; a budget re-thresholds the saved detector."""
+    photos = [str(p) for p in images[:4]]
+    table = tmp_path / "rows.csv"
+    assert cli.main(["predict", str(model), *photos, "--threshold", "0.01", "--table", str(table)]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["verdict"] for row in rows] == [verdict for *_, verdict in printed]
+    assert {row["verdict"] for row in rows} <= {"REVIEW", "DEFECT"}
+    for row in rows:
+        assert row["verdict"] == verdict(float(row["score"]), float(row["threshold"]),
+                                         float(row["defect_threshold"]))
+    assert cli.main(["predict", str(model), *photos, "--false-alarm-budget", "0.5",
+                     "--table", str(table)]) == 0
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    wanted = PFMDetector.load(model).thresholds_for(0.5)
+    assert [(float(r["threshold"]), float(r["defect_threshold"])) for r in rows] == [wanted] * len(rows)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", str(model), photos[0], "--threshold", "1", "--false-alarm-budget", "0.1"])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err
+
+
 def test_table_writer_streams_row_groups_and_rejects_other_suffixes(tmp_path):
-    rows = [{"path": f"{i}.png", "score": float(i), "norm_score": 0.5, "verdict": "OK",
-             "threshold": 1.0, "error": None} for i in range(5)]
-    rows.append({**dict.fromkeys(COLUMNS), "path": "x.png", "threshold": 1.0, "error": "bad"})
+    rows = [{"path": f"{i}.png", "score": float(i), "norm_score": 0.5, "verdict": v,
+             "threshold": 1.0, "defect_threshold": 2.0, "error": None}
+            for i, v in enumerate(["OK", "REVIEW", "DEFECT", "OK", "REVIEW"])]
+    rows.append({**dict.fromkeys(COLUMNS), "path": "x.png", "threshold": 1.0, "defect_threshold": 2.0,
+                 "error": "bad"})
     with TableWriter(tmp_path / "t.parquet", chunk=2) as writer:
         for row in rows:
             writer.write(row)

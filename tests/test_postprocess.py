@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
-from anomaly.postprocess import auroc, best_threshold, binary_mask, normalize, region_outline, roc_curve
+from anomaly.calibration import verdict
+from anomaly.postprocess import (auroc, best_threshold, binary_mask, normalize, region_outline, roc_curve,
+                                 thresholds_with_labels)
 
 # (x, threshold, lo, hi, expected)
 NORMALIZE_CASES = [
@@ -136,3 +138,34 @@ def test_region_outline_width_straddles_the_boundary(width, inside, outside):
 def test_region_outline_rejects_bad_width(width):
     with pytest.raises(ValueError, match="width"):
         region_outline(np.ones((3, 3), bool), width)
+
+
+# (threshold, defect_threshold, good scores, defect scores) -> (threshold, defect_threshold);
+# "s-" is just below the score s
+LABEL_CASES = [
+    ((1.0, 2.0, [], []), (1.0, 2.0)),                     # no marks: nothing moves
+    ((1.0, 2.0, [0.5], []), (1.0, 2.0)),                  # good marks alone move nothing
+    ((1.0, 2.0, [], [2.5]), (1.0, 2.0)),                  # already DEFECT: nothing moves
+    ((1.0, 2.0, [0.7], [1.6, 1.3]), (1.0, "1.3-")),       # the lowest defective score decides
+    ((1.0, 2.0, [], [0.6]), ("0.6-", "0.6-")),            # below the OK boundary: both follow
+    ((1.0, 2.0, [1.2], [0.8]), (1.0, 1.2)),               # overlap: the good one is not DEFECT
+    ((1.0, 2.0, [2.4], [1.5]), (1.0, 2.0)),               # ... and the boundary never goes up
+    ((1.0, 2.0, [], [2.0]), (1.0, "2.0-")),               # at the boundary: moves below it
+]
+
+
+@pytest.mark.parametrize("args, expected", LABEL_CASES)
+def test_thresholds_with_labels(args, expected):
+    got = thresholds_with_labels(*args)
+    for value, want in zip(got, expected):
+        if isinstance(want, str):
+            score = float(want[:-1])
+            assert score * (1 - 1e-5) < value < score
+            assert np.float32(value) < np.float32(score)          # survives rounding to float32
+        else:
+            assert value == want
+    threshold, defect = got
+    goods, defects = args[2:]
+    assert threshold <= defect
+    if defects and min(defects) > max(goods, default=0.0):       # the marks can be honoured
+        assert {verdict(s, threshold, defect) for s in defects} == {"DEFECT"}

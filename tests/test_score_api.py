@@ -52,6 +52,15 @@ out["overlay_sizes"] = [__import__("PIL.Image").Image.open(p).size for p in over
 engineer.predict(records[0]["score"] + 1e-6, 0.5, True, api_name="/set_threshold")
 mine, _ = engineer.predict([handle_file(good)], None, api_name="/score")
 out["session_record"] = mine[0]
+# a REVIEW band that holds the broken part, then the budget control re-thresholds the session
+session = app.OPEN_SESSIONS[engineer.session_hash]
+session.threshold, session.defect_threshold = records[0]["score"] * 1.01, records[2]["score"] * 1.01
+mine, _ = engineer.predict([handle_file(good), handle_file(broken)], None, api_name="/score")
+out["review_records"] = mine
+engineer.predict(0.1, 0.5, True, api_name="/set_false_alarm_budget")
+mine, _ = engineer.predict([handle_file(good)], None, api_name="/score")
+out["budget_record"] = mine[0]
+out["budget_thresholds"] = list(session.detector.thresholds_for(0.1))
 out["session_results"] = len(app.OPEN_SESSIONS[engineer.session_hash].results)
 """
 
@@ -66,16 +75,19 @@ def test_score_endpoint_returns_records_and_overlays(data_dir):
     assert out["example_lines"] <= 5
     assert out["example_rc"] == 0, out["example_err"]
     printed = [line.split() for line in out["example_out"].splitlines() if line.startswith("part")]
-    assert [(name, verdict) for name, verdict, _ in printed] == [("part1.png", "OK"),
-                                                                ("part2.png", "DEFECT")]
+    assert [name for name, _, _ in printed] == ["part1.png", "part2.png"]
+    assert printed[0][1] == "OK" and printed[1][1] in ("REVIEW", "DEFECT")
     assert float(printed[0][2]) < 0.5 < float(printed[1][2])
 
     good_rec, bad_file, broken_rec = out["records"]
-    keys = {"file", "score", "score_0_1", "verdict", "threshold", "area_above_threshold",
-            "overlay", "error"}
+    keys = {"file", "score", "score_0_1", "verdict", "threshold", "defect_threshold",
+            "area_above_threshold", "overlay", "error"}
     assert set(good_rec) == set(bad_file) == set(broken_rec) == keys
-    assert (good_rec["verdict"], broken_rec["verdict"]) == ("OK", "DEFECT")
+    assert good_rec["verdict"] == "OK" and broken_rec["verdict"] in ("REVIEW", "DEFECT")
     assert good_rec["score"] < good_rec["threshold"] < broken_rec["score"]
+    assert broken_rec["verdict"] == ("DEFECT" if broken_rec["score"] > broken_rec["defect_threshold"]
+                                     else "REVIEW")
+    assert good_rec["threshold"] <= good_rec["defect_threshold"] == bad_file["defect_threshold"]
     assert good_rec["area_above_threshold"] == 0 < broken_rec["area_above_threshold"] < 0.5
     assert good_rec["error"] is None and bad_file["score"] is None and bad_file["overlay"] is None
     assert "notes.png" in bad_file["error"]
@@ -88,3 +100,6 @@ def test_score_endpoint_returns_records_and_overlays(data_dir):
     assert mine["threshold"] == pytest.approx(good_rec["score"] + 1e-6)
     assert mine["score"] == pytest.approx(good_rec["score"], rel=1e-5) and mine["verdict"] == "OK"
     assert out["session_results"] == 0
+    assert [r["verdict"] for r in out["review_records"]] == ["OK", "REVIEW"]
+    budget = out["budget_record"]
+    assert [budget["threshold"], budget["defect_threshold"]] == pytest.approx(out["budget_thresholds"])

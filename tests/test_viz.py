@@ -10,8 +10,8 @@ from scipy import ndimage
 
 from anomaly.examples import EXAMPLES_DIR, example_label, example_sets
 from anomaly.postprocess import region_outline
-from anomaly.viz import (OUTLINE_COLOUR, colour_range, figure_to_image, heatmap_overlay, mask_image,
-                         outline_width, roc_figure, score_plot, side_by_side)
+from anomaly.viz import (OUTLINE_COLOUR, OUTLINE_RGB, VERDICT_RGB, colour_range, figure_to_image, framed,
+                         heatmap_overlay, mask_image, outline_width, roc_figure, score_plot, side_by_side)
 
 H, W = 64, 80
 
@@ -68,6 +68,22 @@ def test_no_outline_when_the_map_is_all_below_threshold():
     assert np.array_equal(np.asarray(out), np.asarray(image))
 
 
+def test_outline_in_the_verdicts_colour():
+    amap = square_map()
+    out = np.asarray(heatmap_overlay(gray_image(), amap, 1.0, 0.0, 2.0, alpha=0.0,
+                                     outline_colour=OUTLINE_RGB["REVIEW"]))
+    band = region_outline(amap > 1.0, outline_width((W, H)))
+    assert (out[band] == VERDICT_RGB["REVIEW"]).all() and OUTLINE_RGB["DEFECT"] == OUTLINE_COLOUR
+    assert len({*OUTLINE_RGB.values()}) == 2                   # REVIEW stands apart from DEFECT
+
+
+@pytest.mark.parametrize("verdict", ["OK", "REVIEW", "DEFECT"])
+def test_framed_in_the_verdicts_colour(verdict):
+    out = framed(gray_image(), verdict)
+    assert out.getpixel((0, 0)) == VERDICT_RGB[verdict] and out.width > W
+    assert len(set(VERDICT_RGB.values())) == 3
+
+
 def test_outline_flag_off_draws_nothing():
     image = gray_image()
     out = heatmap_overlay(image, square_map(), 1.0, 0.0, 2.0, alpha=0.0, outline=False)
@@ -103,37 +119,53 @@ def test_mask_image_is_255_exactly_above_threshold():
     assert set(np.unique(np.asarray(mask))) == {0, 255}
 
 
-@pytest.mark.parametrize("refs, tests, labels", [
-    ([0.4], [], None),                                          # k = 1, nothing tested yet
-    ([0.4], [0.3, 0.9], None),
-    ([0.3, 0.35, 0.41], [0.2, 0.5, 0.9], [False, True, True]),
-    ([0.5] * 3, [0.5], None),                                   # all equal scores
+@pytest.mark.parametrize("refs, tests, labels, defect", [
+    ([0.4], [], None, 0.45),                                    # k = 1, nothing tested yet
+    ([0.4], [0.3, 0.9], None, 0.6),
+    ([0.3, 0.35, 0.41], [0.2, 0.5, 0.9], [False, True, True], 0.7),
+    ([0.5] * 3, [0.5], None, 0.45),                             # all equal scores, no band
+    ([0.4], [0.3], None, 3.0),                                  # the DEFECT line far beyond
 ])
-def test_score_plot_renders(refs, tests, labels):
-    fig = score_plot(refs, tests, 0.45, test_labels=labels)
+def test_score_plot_renders(refs, tests, labels, defect):
+    fig = score_plot(refs, tests, 0.45, defect, test_labels=labels)
     assert isinstance(fig, Figure)
     image = figure_to_image(fig)
     assert image.mode == "RGB" and image.height == 300 and image.width == 750
     ax = fig.axes[0]
     assert ax.get_xlabel() == "anomaly score"
-    assert any("threshold" in t.get_text() for t in ax.get_legend().get_texts())
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "threshold = 0.45" in legend and f"DEFECT threshold = {defect:.3g}" in legend
     low, high = ax.get_xlim()
-    assert low < min(refs + tests + [0.45]) and high > max(refs + tests + [0.45])
+    assert low < min(refs + tests + [0.45]) and high > max(refs + tests + [defect])
+
+
+def test_score_plot_colours_test_points_by_the_three_verdicts():
+    fig = score_plot([0.4, 0.5], [0.3, 0.6, 0.9], 0.55, 0.8)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:4] == ["reference (good)", "verdict OK", "verdict REVIEW", "verdict DEFECT"]
+    points = {tuple(np.round(c.get_facecolor()[0][:3], 3)): c.get_offsets()[:, 0].tolist()
+              for c in ax.collections if len(c.get_offsets())}
+    orange = tuple(np.round(np.array(VERDICT_RGB["REVIEW"]) / 255, 3))
+    assert points[orange] == [0.6]
+    assert any(t.get_text() == "REVIEW" for t in ax.texts)      # the band is named
 
 
 def test_score_plot_accepts_unmarked_tests():
-    fig = score_plot([0.4, 0.5], [0.3, 0.9, 0.6], 0.55, test_labels=[False, True, None])
+    fig = score_plot([0.4, 0.5], [0.3, 0.9, 0.6], 0.55, 0.7, test_labels=[False, True, None])
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert any("unmarked" in t for t in labels)
 
 
-@pytest.mark.parametrize("refs, tests, labels, match", [
-    ([0.1], [0.2, 0.3], [True], "test_labels"),
-    ([float("nan")], [], None, "finite"),
+@pytest.mark.parametrize("refs, tests, labels, defect, match", [
+    ([0.1], [0.2, 0.3], [True], 0.6, "test_labels"),
+    ([float("nan")], [], None, 0.6, "finite"),
+    ([0.1], [], None, float("inf"), "finite"),
+    ([0.1], [], None, 0.4, "below threshold"),
 ])
-def test_score_plot_checks_its_input(refs, tests, labels, match):
+def test_score_plot_checks_its_input(refs, tests, labels, defect, match):
     with pytest.raises(ValueError, match=match):
-        score_plot(refs, tests, 0.5, test_labels=labels)
+        score_plot(refs, tests, 0.5, defect, test_labels=labels)
 
 
 # (threshold, lo, hi) -> widened range keeps lo < threshold < hi
