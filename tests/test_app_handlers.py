@@ -5,6 +5,7 @@ gradio is never imported into the test process (tests/test_viz.py asserts it is 
 app-level checks run in a subprocess. Fits use a small config via $ANOMALY_APP_CONFIG.
 """
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -731,7 +732,7 @@ def test_app_handlers_in_a_child_process():
     assert out["fit_md"].startswith("**Fitted on 3 good images")
     assert "False-alarm budget **5 %**: About 1 in 20 good parts" in out["fit_md"]
     assert "REVIEW above **" in out["fit_md"] and "DEFECT above **" in out["fit_md"]
-    assert "Rough threshold" in out["fit_md"] and "1 of your 3 images" in out["fit_md"]
+    assert "Rough thresholds" in out["fit_md"] and "rest on 3 good parts" in out["fit_md"]
     assert "Rough threshold" not in out["fit_md_4"]
     assert out["touched"] and out["reaped"] == 1 and out["idle_freed"] and out["busy_kept"]
     lo, hi, value = out["slider"]
@@ -932,3 +933,252 @@ def test_a_process_that_ends_right_after_a_fit_exits_cleanly(brick):
         run = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
         assert run.returncode == 0 and "terminate called" not in run.stderr, run.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- live camera
+
+def live_script():
+    """scripts/live_fps.py: how the fake camera frames a photo (``camera_frame``)."""
+    spec = importlib.util.spec_from_file_location("live_fps", REPO / "scripts" / "live_fps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def camera(data_dir):
+    """Bottle photos as the camera shows them (640 x 480): {"refs": 4 good, "good": another good
+    one, "broken": a broken one}."""
+    frame = live_script().camera_frame
+    return {"refs": [frame(p) for p in category_files(data_dir, "bottle", "train/good", 4)],
+            "good": frame(category_files(data_dir, "bottle", "test/good", 1)[0]),
+            "broken": frame(category_files(data_dir, "bottle", "test/broken_large", 1)[0])}
+
+
+@pytest.fixture(scope="module")
+def camera_fitted(camera):
+    """A session fitted on the camera's good frames, taken from the live view."""
+    s = InspectionSession()
+    for frame in camera["refs"]:
+        s.live_frame(frame)
+        s.add_camera_reference()
+    s.fit()
+    return s
+
+
+def blocking_scores(monkeypatch):
+    """Make the session's next scoring wait: -> (started, release) events."""
+    started, release = threading.Event(), threading.Event()
+    real = session_module._score
+
+    def score(*args, **kwargs):
+        started.set()
+        release.wait(60)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(session_module, "_score", score)
+    return started, release
+
+
+def test_live_frames_without_a_detector_show_the_frame_and_say_what_to_do(camera):
+    s = InspectionSession()
+    for action in (s.capture, s.add_camera_reference):
+        with pytest.raises(ValueError, match="No camera frame yet"):
+            action()
+    answer = s.live_frame(camera["good"])
+    assert (answer.score, answer.verdict, answer.thresholds) == (None, None, None)
+    assert "fit one on good images" in answer.message
+    assert answer.overlay.size == (session_module.LIVE_SIDE, 360) and answer.fps is None
+    with pytest.raises(ValueError, match="fit one on good images"):
+        s.capture()
+    assert s.results == []
+
+
+def test_good_images_from_the_camera_stay_when_the_uploads_change(camera, brick):
+    s = InspectionSession()
+    s.live_frame(camera["good"])
+    s.add_camera_reference()
+    s.set_references(brick.references[:2])
+    assert [r.name for r in s.references] == [p.name for p in brick.references[:2]] + ["camera_1.png"]
+    s.set_references([])
+    assert [(r.name, r.camera, r.image.size) for r in s.references] == [("camera_1.png", True, (640, 480))]
+    assert s.remove_camera_references() == 1 and s.references == []
+
+
+@pytest.mark.slow
+def test_live_frames_answer_at_the_current_threshold_and_a_capture_scores_like_an_upload(
+        camera_fitted, camera, tmp_path):
+    s = camera_fitted
+    good, broken = s.live_frame(camera["good"]), s.live_frame(camera["broken"])
+    assert good.verdict != "DEFECT" and broken.verdict != "OK" and broken.score > good.score
+    assert broken.thresholds == (s.threshold, s.defect_threshold) and broken.fps > 0
+    assert broken.verdict == verdict(broken.score, s.threshold, s.defect_threshold)
+    assert broken.overlay.size == (session_module.LIVE_SIDE, 360)
+    bare = s.live_frame(camera["broken"], alpha=0.0, outline=False).overlay   # opacity acts
+    assert np.array_equal(np.asarray(bare), np.asarray(session_module.shrink(camera["broken"], 480)))
+
+    s.capture()                                       # the last frame: the broken one
+    captured = s.current()
+    assert captured.name.startswith("camera_") and captured.score == broken.score
+    upload = tmp_path / "broken_frame.png"
+    camera["broken"].save(upload)
+    s.inspect([(str(upload), upload)])
+    assert s.current().score == captured.score        # the same image uploaded: the same score
+    assert s.verdict(captured) == broken.verdict
+
+    s.set_threshold(broken.score * 1.01)              # the slider, while streaming
+    assert s.live_frame(camera["broken"]).verdict == "OK"
+    s.reset_threshold()
+
+
+def test_frames_arriving_while_one_is_answered_are_dropped(camera, fitted, monkeypatch):
+    s = borrowing(fitted)
+    started, release = blocking_scores(monkeypatch)
+    first = []
+    worker = threading.Thread(target=lambda: first.append(s.live_frame(camera["good"])))
+    worker.start()
+    try:
+        assert started.wait(60)
+        assert s.live_frame(camera["broken"]) is None          # dropped at once, not queued
+    finally:
+        release.set()
+        worker.join(60)
+    assert first[0].score is not None
+    assert s.live_frame(camera["broken"]).score != first[0].score    # the next one is answered
+
+
+@pytest.mark.slow
+def test_a_refit_during_streaming_answers_with_the_old_detector_then_the_new(camera):
+    s = InspectionSession()
+    s.live_frame(camera["refs"][0])
+    s.add_camera_reference()
+    training, release = threading.Event(), threading.Event()
+
+    def progress(fraction, message):
+        if "training" in message:
+            training.set()
+            release.wait(120)
+
+    fit = threading.Thread(target=s.fit, kwargs={"progress": progress})
+    fit.start()
+    try:
+        assert training.wait(120)
+        assert "still being fitted" in s.live_frame(camera["good"]).message   # the first fit
+    finally:
+        release.set()
+        fit.join(120)
+    first = s.detector
+    for frame in camera["refs"][1:]:
+        s.live_frame(frame)
+        s.add_camera_reference()
+    training.clear()
+    release.clear()
+    refit = threading.Thread(target=s.fit, kwargs={"progress": progress})
+    refit.start()
+    try:
+        assert training.wait(120)
+        during = s.live_frame(camera["broken"])
+        assert s.fitting and s.detector is first
+        assert during.score == first.predict(camera["broken"], resolution="model").pred_score
+    finally:
+        release.set()
+        refit.join(120)
+    after = s.live_frame(camera["broken"])
+    assert s.detector is not first and len(s.references) == 4
+    assert after.thresholds == (s.detector.threshold, s.detector.defect_threshold)
+    assert after.score == s.detector.predict(camera["broken"], resolution="model").pred_score
+
+
+def test_a_session_freed_while_streaming_finishes_the_frame_then_starts_over(camera, fitted,
+                                                                             monkeypatch):
+    s = borrowing(fitted)
+    started, release = blocking_scores(monkeypatch)
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(s.live_frame(camera["good"])))
+    worker.start()
+    closing = threading.Thread(target=s.close)
+    try:
+        assert started.wait(60)
+        closing.start()
+        closing.join(0.5)
+        assert closing.is_alive()                     # close() waits for the frame ...
+    finally:
+        release.set()
+        worker.join(60)
+        closing.join(60)
+    assert answers[0].verdict is not None             # ... which is answered
+    assert s.detector is None and s.stored_bytes() == 0
+    with pytest.raises(ValueError, match="No camera frame yet"):
+        s.add_camera_reference()                      # the frame went with the session
+    assert "fit one on good images" in s.live_frame(camera["good"]).message
+
+
+LIVE_APP_CHECKS = r"""
+import json, sys
+import gradio as gr
+from PIL import Image
+import app
+
+frames = [Image.open(p) for p in sys.argv[1:]]
+out = {}
+
+def message(call):
+    try:
+        call()
+    except gr.Error as err:
+        return err.message
+    return None
+
+progress = lambda *a, **k: None
+skip = gr.skip()
+out["no_frame"] = app.live_frame(None, None, 0.5, True) == (skip,) * 3
+s, overlay, text = app.live_frame(None, frames[0], 0.5, True)
+out["unfitted"] = [text, list(overlay.size)]
+out["capture_unfitted"] = message(lambda: app.capture_frame(s, 0.5, True))
+out["capture_none"] = message(lambda: app.capture_frame(None, 0.5, True))
+for frame in frames[:-1]:
+    app.live_frame(s, frame, 0.5, True)
+    s, gallery, count = app.add_camera_reference(s)
+out["count"] = count
+out["fit_md"] = app.fit(s, "effnet-lite", False, False, 0.5, True, progress)[1]
+s, overlay, text = app.live_frame(s, frames[-1], 0.5, True)
+out["fitted"] = text
+s._live_busy.acquire()
+out["busy_skips"] = app.live_frame(s, frames[0], 0.5, True) == (skip,) * 3
+s._live_busy.release()
+slider, summary, table, *_ = app.capture_frame(s, 0.5, True)
+out["captured"] = [summary, table]
+out["dropped"] = app.remove_camera_references(s)[2]
+out["api"] = {fn.api_name: fn.api_visibility for fn in app.demo.fns.values()}
+live = next(fn for fn in app.demo.fns.values() if fn.connection == "stream")
+out["stream"] = [live.time_limit, live.stream_every, live.concurrency_limit, live.concurrency_id]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_the_apps_live_handlers_in_a_child_process(camera, tmp_path):
+    paths = []
+    for i, frame in enumerate(camera["refs"][:3] + [camera["broken"]]):
+        paths.append(tmp_path / f"frame_{i}.png")
+        frame.save(paths[-1])
+    env = {**os.environ, CONFIG_ENV: json.dumps(FAST_CONFIG)}
+    run = subprocess.run([sys.executable, "-c", LIVE_APP_CHECKS, *map(str, paths)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT", 1)[1])
+    assert out["no_frame"] and out["busy_skips"]
+    text, size = out["unfitted"]
+    assert text.startswith("No detector yet: fit one on good images") and "button below" in text
+    assert "first frame" in text and size == [480, 360]
+    assert "fit one on good images" in out["capture_unfitted"] == out["capture_none"] or \
+        "fit one on good images" in out["capture_none"]
+    assert out["count"].startswith("**3 good images**")
+    assert out["fit_md"].startswith("**Fitted on 3 good images")
+    assert out["fitted"].split("**")[1] in VERDICTS and "DEFECT above" in out["fitted"]
+    assert "frames/s answered" in out["fitted"] and "ms per frame here" in out["fitted"]
+    summary, table = out["captured"]
+    assert summary.startswith("**1 image:") and table[0][0].startswith("camera_")
+    assert out["dropped"].startswith("No good images yet")
+    assert out["api"]["capture_frame"] == out["api"]["add_camera_reference"] == "public"
+    assert out["api"]["live_frame"] == "private"
+    assert out["stream"] == [60, 0.1, 2, "live"]
