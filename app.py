@@ -220,6 +220,20 @@ def rough_threshold_text(n: int) -> str:
             f"defective to see where they should be.")
 
 
+def live_text(answer) -> str:
+    """The live view's line for an ``anomaly.session.LiveAnswer``: verdict, score and
+    thresholds (or what to do first), the frame rate and the server's time per frame."""
+    if answer.verdict is None:
+        head = (f"{answer.message} Meanwhile, frames of good parts can be added to the good "
+                f"images (step 1) with the button below.")
+    else:
+        threshold, defect = answer.thresholds
+        head = (f"**{answer.verdict}** · score {answer.score:.4g} (REVIEW above {threshold:.4g}, "
+                f"DEFECT above {defect:.4g})")
+    rate = f"{answer.fps:.1f} frames/s answered" if answer.fps else "first frame"
+    return f"{head} · {rate}, {1000 * answer.seconds:.0f} ms per frame here"
+
+
 def percent(rate: float) -> str:
     """0.05 -> "5 %"."""
     return f"{100 * rate:g} %"

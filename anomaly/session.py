@@ -10,6 +10,8 @@ browser:
     s.inspect([("test.png", "test.png")])
     s.set_threshold(0.9); s.table()         # verdicts redrawn from the stored maps
     s.suggestions()                         # the results worth a label most
+    s.live_frame(frame)                     # a camera frame answered: overlay, score, verdict
+    s.capture()                             # ... and the last one added to the results
 
 Images are shrunk to at most ``WORK_SIDE`` px on the longer side when they enter the session;
 that copy is what is scored, shown and exported, which bounds the memory of a session
@@ -32,6 +34,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections import deque
 from dataclasses import dataclass, field, fields
 from functools import wraps
 from pathlib import Path
@@ -57,6 +60,9 @@ CONFIG_ENV = "ANOMALY_APP_CONFIG"               # JSON of DetectorConfig overrid
 RETIRED_FILES_GRACE_S = 60                      # drawings no longer shown are deleted after this
 TABLE_ORDERS = ("score", "review")              # the table: highest score first, or REVIEW first
 REVIEW_FIRST = ("REVIEW", "DEFECT", "OK")       # the verdicts in the "review" order
+LIVE_SIDE = 480                 # live overlays are drawn at most this long (px): the live view's size
+LIVE_RATE_WINDOW_S = 3.0        # the live frame rate counts the frames answered in this window
+NO_CAMERA_FRAME = "No camera frame yet: start the camera in the Live camera tab first."
 
 
 def detector_config(backbone: str = DEFAULT_PAIR, parts_turn: bool = False,
@@ -101,6 +107,7 @@ class Reference:
     key: str                        # where it came from (upload path): kept, never read again
     name: str
     image: Image.Image              # RGB, longer side <= WORK_SIDE
+    camera: bool = False            # taken from the live camera (kept when the uploads change)
 
 
 @dataclass(eq=False)
@@ -116,6 +123,19 @@ class Result:
     uploaded_as: str | None = None  # the file name, when another result already had it
     version: int = 0                # bumped when a new detector rescores it (drawings' cache key)
     files: dict = field(default_factory=dict)   # drawings on disk (see InspectionSession.thumbnail_file)
+
+
+@dataclass
+class LiveAnswer:
+    """One camera frame answered by ``InspectionSession.live_frame``."""
+
+    overlay: Image.Image            # RGB, longer side <= LIVE_SIDE; the bare frame without a detector
+    score: float | None             # raw image score; None without a detector
+    verdict: str | None             # OK, REVIEW or DEFECT at ``thresholds``; None without a detector
+    thresholds: tuple[float, float] | None   # (threshold, defect threshold) it was judged at
+    message: str | None             # why there is no verdict (no detector yet, or still fitting)
+    fps: float | None               # frames answered per second lately; None for the first
+    seconds: float                  # time spent on it in the session: decode, predict, overlay
 
 
 @dataclass
@@ -150,12 +170,16 @@ class InspectionSession:
         self._generation = 0              # bumped by close(): a fit started before it is dropped
         self._lock = threading.RLock()    # short changes of state; never held while training
         self._fit_lock = threading.Lock() # one fit or detector switch at a time
+        self._live_busy = threading.Lock()    # held while a camera frame is answered
+        self._live_frame: Image.Image | None = None   # the last camera frame answered
+        self._live_times: deque[float] = deque()      # when the recent ones were answered
         self.last_used = time.monotonic()  # of any kind; see touch()
 
     def stored_bytes(self) -> int:
         """Memory held by the session's images and maps, in bytes (what the app's capacity
         guard counts)."""
         images = [r.image for r in self.references] + [r.image for r in self.results]
+        images += [self._live_frame] if self._live_frame is not None else []
         return (sum(im.width * im.height * len(im.getbands()) for im in images)
                 + sum(r.anomaly_map.nbytes for r in self.results))
 
@@ -170,11 +194,14 @@ class InspectionSession:
         """Replace the uploaded references by these files; returns messages about skipped ones.
 
         Files already among the references are kept as they were loaded, not read again (the
-        app's upload cache deletes files after an hour; the session keeps its own copy)."""
+        app's upload cache deletes files after an hour; the session keeps its own copy). The
+        references taken from the camera stay (``remove_camera_references`` drops them)."""
         paths = list(paths or [])
-        if len(paths) > MAX_REFERENCES:
-            raise ValueError(f"{len(paths)} reference images uploaded; the limit is {MAX_REFERENCES}. "
-                             f"Remove some (a dozen good images is usually plenty).")
+        camera = [r for r in self.references if r.camera]
+        if len(paths) + len(camera) > MAX_REFERENCES:
+            also = f" (and {len(camera)} from the camera)" if camera else ""
+            raise ValueError(f"{len(paths)} reference images uploaded{also}; the limit is "
+                             f"{MAX_REFERENCES}. Remove some (a dozen good images is usually plenty).")
         known = {r.key: r for r in self.references}
         references, problems = [], []
         for path in paths:
@@ -186,8 +213,26 @@ class InspectionSession:
                 references.append(Reference(key, name, shrink(load_image(path, name=name))))
             except ValueError as err:
                 problems.append(f"skipped {err}")
-        self.references = references
+        self.references = references + camera
         return problems
+
+    @_locked
+    def add_camera_reference(self) -> None:
+        """Add the last camera frame (``live_frame``) to the good images, as camera_<n>.png,
+        for the next fit."""
+        frame = self._camera_frame()
+        if len(self.references) >= MAX_REFERENCES:
+            raise ValueError(f"There are {len(self.references)} good images already, the limit. "
+                             f"Remove some before adding more.")
+        key = self.next_photo_key("camera")
+        self.references.append(Reference(key, key, frame, camera=True))
+
+    @_locked
+    def remove_camera_references(self) -> int:
+        """Drop the good images taken from the camera -> how many were dropped."""
+        kept = [r for r in self.references if not r.camera]
+        dropped, self.references = len(self.references) - len(kept), kept
+        return dropped
 
     def reference_keys(self) -> set[str]:
         return {r.key for r in self.references}
@@ -364,10 +409,66 @@ class InspectionSession:
         self.selected = self.results.index(max(new, key=lambda r: r.score))
         return len(new), problems
 
-    def next_photo_key(self) -> str:
-        """A name for a pasted or webcam photo, which has no file name of its own."""
+    def next_photo_key(self, kind: str = "photo") -> str:
+        """A name for a pasted, webcam or camera photo, which has no file name of its own:
+        ``<kind>_<n>.png``, n counting all kinds."""
         self._photos += 1
-        return f"photo_{self._photos}.png"
+        return f"{kind}_{self._photos}.png"
+
+    # ------------------------------------------------------------------ live camera
+
+    def live_frame(self, image: ImageLike, alpha: float = 0.5, outline: bool = True
+                   ) -> LiveAnswer | None:
+        """Answer one camera frame with the current detector at the current thresholds (the
+        overlay as ``overlay`` draws it, at most LIVE_SIDE px) -> LiveAnswer; None, at once,
+        while the previous frame is still being answered: this one is dropped, so the answers
+        follow the latest frame instead of a queue. The frame is kept (shrunk to WORK_SIDE) for
+        ``capture`` and ``add_camera_reference``. Without a detector the answer is the bare
+        frame and a message saying what to do."""
+        if not self._live_busy.acquire(blocking=False):
+            return None
+        try:
+            start = time.perf_counter()
+            frame = shrink(load_image(image, name="camera frame"))
+            with self._lock:            # one consistent (detector, thresholds); close() waits
+                self._live_frame = frame
+                try:
+                    self.require_detector()
+                except ValueError as err:
+                    drawn, score, verdict, thresholds, message = (shrink(frame, LIVE_SIDE), None,
+                                                                  None, None, str(err))
+                else:
+                    (amap, score), = _score(self.detector, [frame])
+                    live = Result("camera", "camera", frame, amap, score)
+                    drawn, verdict, message = (self.overlay(live, alpha, outline, side=LIVE_SIDE),
+                                               self.verdict(live), None)
+                    thresholds = (self.threshold, self.defect_threshold)
+                fps = self._answered_rate()
+        finally:
+            self._live_busy.release()
+        return LiveAnswer(drawn, score, verdict, thresholds, message, fps, time.perf_counter() - start)
+
+    def _answered_rate(self) -> float | None:
+        """Note a live frame answered now -> frames answered per second over the last
+        LIVE_RATE_WINDOW_S; None for the first one in it."""
+        now, times = time.monotonic(), self._live_times
+        times.append(now)
+        while now - times[0] > LIVE_RATE_WINDOW_S:
+            times.popleft()
+        return (len(times) - 1) / (now - times[0]) if now > times[0] else None
+
+    @_locked
+    def capture(self) -> list[str]:
+        """Add the last camera frame to the results as camera_<n>.png, scored exactly as an
+        upload of it is; it becomes the selected result -> messages (``inspect``'s)."""
+        self.require_detector()
+        frame = self._camera_frame()
+        return self.inspect([(self.next_photo_key("camera"), frame)])[1]
+
+    def _camera_frame(self) -> Image.Image:
+        if self._live_frame is None:
+            raise ValueError(NO_CAMERA_FRAME)
+        return self._live_frame
 
     @_locked
     def clear_results(self) -> None:
@@ -645,6 +746,8 @@ class InspectionSession:
         self.threshold, self.defect_threshold, self.selected, self.fit_report = None, None, None, None
         self._generation += 1
         self._retired = []
+        self._live_frame = None
+        self._live_times.clear()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None

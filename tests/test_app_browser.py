@@ -4,6 +4,7 @@
 Fits use a small config via $ANOMALY_APP_CONFIG so the whole module runs in a few minutes.
 """
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import zipfile
 
 import pytest
 
+from anomaly.calibration import VERDICTS
 from anomaly.examples import example_sets
 from anomaly.session import CONFIG_ENV
 from conftest import REPO
@@ -235,6 +237,57 @@ def test_browser_workflow(server, brick, tmp_path):
     assert {name: row["verdict"] for name, row in rows.items()} == {defect.name: "OK", good.name: "OK"}
     assert float(rows[good.name]["defect_threshold"]) >= float(rows[good.name]["threshold"])
     assert float(rows[defect.name]["score"]) == pytest.approx(score[defect.name], abs=1e-4)
+
+
+def live_script():
+    """scripts/live_fps.py: the fake camera's clip and the steps that start the live view."""
+    spec = importlib.util.spec_from_file_location("live_fps", REPO / "scripts" / "live_fps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def live_verdict(page) -> str | None:
+    """The verdict the live view states now (its line starts with it), if any."""
+    words = page.inner_text("#live-status").replace("*", "").split()
+    return next((w for w in words if w in VERDICTS), None)
+
+
+@pytest.mark.browser
+def test_live_camera_answers_frames_and_captures_one(server, data_dir, tmp_path):
+    """Chromium's fake camera plays good bottles (the references), then a broken one: overlays
+    arrive, the verdict goes from OK to not OK, and a captured frame joins the results."""
+    from playwright.sync_api import sync_playwright
+
+    live = live_script()
+    refs, clip = live.bottle_clip(data_dir, 4, tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=CHROMIUM_ARGS + live.fake_camera_args(clip))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            live.start_live(page, server, refs, FIT_TIMEOUT_MS)
+            page.wait_for_selector("#live-view img", timeout=120_000)
+            page.evaluate(live.WATCH_LIVE_VIEW)
+            page.wait_for_function("() => window.liveShown.length >= 5", timeout=120_000)
+            seen, deadline = [], time.monotonic() + 120       # the clip loops every 4 s
+            while time.monotonic() < deadline and not (
+                    "OK" in seen and any(v != "OK" for v in seen[seen.index("OK"):])):
+                verdict = live_verdict(page)
+                if verdict and (not seen or seen[-1] != verdict):
+                    seen.append(verdict)
+                time.sleep(0.05)
+            assert "OK" in seen and {"REVIEW", "DEFECT"} & set(seen[seen.index("OK"):]), seen
+            assert "frames/s answered" in page.inner_text("#live-status")
+
+            page.click("#live-capture")
+            page.wait_for_selector("#results-summary :text('1 image')", timeout=60_000)
+            (name, (verdict, *_)), = read_table(page).items()
+            assert name.startswith("camera_") and name.endswith(".png") and verdict in VERDICTS
+            assert page.locator("#selected-image input").input_value() == name
+            assert "Traceback" not in page.content()
+        finally:
+            browser.close()
 
 
 def test_gradio_client_sessions_are_separate(server, brick):

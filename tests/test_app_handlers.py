@@ -981,9 +981,8 @@ def blocking_scores(monkeypatch):
 
 def test_live_frames_without_a_detector_show_the_frame_and_say_what_to_do(camera):
     s = InspectionSession()
-    for action in (s.capture, s.add_camera_reference):
-        with pytest.raises(ValueError, match="No camera frame yet"):
-            action()
+    with pytest.raises(ValueError, match="No camera frame yet"):
+        s.add_camera_reference()
     answer = s.live_frame(camera["good"])
     assert (answer.score, answer.verdict, answer.thresholds) == (None, None, None)
     assert "fit one on good images" in answer.message
@@ -1140,7 +1139,8 @@ for frame in frames[:-1]:
     s, gallery, count = app.add_camera_reference(s)
 out["count"] = count
 out["fit_md"] = app.fit(s, "effnet-lite", False, False, 0.5, True, progress)[1]
-s, overlay, text = app.live_frame(s, frames[-1], 0.5, True)
+for _ in range(2):                                  # the second has a frame rate
+    s, overlay, text = app.live_frame(s, frames[-1], 0.5, True)
 out["fitted"] = text
 s._live_busy.acquire()
 out["busy_skips"] = app.live_frame(s, frames[0], 0.5, True) == (skip,) * 3
@@ -1170,8 +1170,8 @@ def test_the_apps_live_handlers_in_a_child_process(camera, tmp_path):
     text, size = out["unfitted"]
     assert text.startswith("No detector yet: fit one on good images") and "button below" in text
     assert "first frame" in text and size == [480, 360]
-    assert "fit one on good images" in out["capture_unfitted"] == out["capture_none"] or \
-        "fit one on good images" in out["capture_none"]
+    assert "fit one on good images" in out["capture_unfitted"]
+    assert "fit one on good images" in out["capture_none"]
     assert out["count"].startswith("**3 good images**")
     assert out["fit_md"].startswith("**Fitted on 3 good images")
     assert out["fitted"].split("**")[1] in VERDICTS and "DEFECT above" in out["fitted"]
