@@ -4,6 +4,7 @@ real images, plus app.py's own glue checked in a child process.
 gradio is never imported into the test process (tests/test_viz.py asserts it is absent), so the
 app-level checks run in a subprocess. Fits use a small config via $ANOMALY_APP_CONFIG.
 """
+import contextlib
 import csv
 import importlib.util
 import io
@@ -60,6 +61,27 @@ def fitted(brick):
     scored, problems = s.inspect([(str(p), p) for p in brick.tests])
     assert (scored, problems) == (len(brick.tests), [])
     return s
+
+
+@contextlib.contextmanager
+def fit_held_in_training(s: InspectionSession):
+    """A fit of ``s`` on its own thread, held at its training stage for the block's duration,
+    then let go and joined."""
+    training, release = threading.Event(), threading.Event()
+
+    def progress(fraction, message):
+        if "training" in message:
+            training.set()
+            release.wait(120)
+
+    fit = threading.Thread(target=s.fit, kwargs={"progress": progress})
+    fit.start()
+    try:
+        assert training.wait(120)
+        yield
+    finally:
+        release.set()
+        fit.join(120)
 
 
 def snapshot(s: InspectionSession):
@@ -842,17 +864,7 @@ def test_the_session_keeps_answering_while_it_fits(brick):
     s.set_references(brick.references)
     s.fit()
     first = s.detector
-    training, release = threading.Event(), threading.Event()
-
-    def progress(fraction, message):
-        if "training" in message:
-            training.set()
-            release.wait(120)
-
-    refit = threading.Thread(target=s.fit, kwargs={"progress": progress})
-    refit.start()
-    try:
-        assert training.wait(120)
+    with fit_held_in_training(s):
         answered = []
         visitor = threading.Thread(target=lambda: answered.append(
             s.inspect([(str(p), p) for p in brick.tests[:2]])))
@@ -861,9 +873,6 @@ def test_the_session_keeps_answering_while_it_fits(brick):
         assert answered == [(2, [])] and s.detector is first and s.fitting
         s.set_threshold(s.threshold * 2)
         s.mark(0, True)                            # a defect mark needs no refit
-    finally:
-        release.set()
-        refit.join(120)
     assert s.detector is not first and not s.fitting
     assert (s.threshold, s.defect_threshold) == label_rule(s)   # the new calibrated ones, marked
     fresh = s.detector.predict([r.image for r in s.results], resolution="model")
@@ -1050,37 +1059,16 @@ def test_a_refit_during_streaming_answers_with_the_old_detector_then_the_new(cam
     s = InspectionSession()
     s.live_frame(camera["refs"][0])
     s.add_camera_reference()
-    training, release = threading.Event(), threading.Event()
-
-    def progress(fraction, message):
-        if "training" in message:
-            training.set()
-            release.wait(120)
-
-    fit = threading.Thread(target=s.fit, kwargs={"progress": progress})
-    fit.start()
-    try:
-        assert training.wait(120)
+    with fit_held_in_training(s):
         assert "still being fitted" in s.live_frame(camera["good"]).message   # the first fit
-    finally:
-        release.set()
-        fit.join(120)
     first = s.detector
     for frame in camera["refs"][1:]:
         s.live_frame(frame)
         s.add_camera_reference()
-    training.clear()
-    release.clear()
-    refit = threading.Thread(target=s.fit, kwargs={"progress": progress})
-    refit.start()
-    try:
-        assert training.wait(120)
+    with fit_held_in_training(s):
         during = s.live_frame(camera["broken"])
         assert s.fitting and s.detector is first
         assert during.score == first.predict(camera["broken"], resolution="model").pred_score
-    finally:
-        release.set()
-        refit.join(120)
     after = s.live_frame(camera["broken"])
     assert s.detector is not first and len(s.references) == 4
     assert after.thresholds == (s.detector.threshold, s.detector.defect_threshold)
