@@ -22,7 +22,7 @@ from .backbones import BACKBONE_PAIRS, DEFAULT_PAIR, load_pair
 from .calibration import GoodScoreModel, verdict
 from .compute import CPU_TURN
 from .heads import compiled_heads, fitted_heads, mapping_parameters
-from .image_io import ImageLike, load_image, resize_image
+from .image_io import ImageLike, load_image, square_pixels
 from .mapping import FeatureVectors, PFMMappings, TrainingSchedule, train_mappings
 from .memory_bank import distance_maps, embedding_channels, flatten, greedy_coreset, patch_embedding
 from .postprocess import normalize, resize_map
@@ -134,18 +134,8 @@ def to_tensor(images: Sequence[Image.Image], size: int, resize: str = "stretch"
     aspect ratio (longer side = size) and fills the rest by mirroring the image, content at
     the top left.
     """
-    arrays, content = [], []
-    for im in images:
-        im = im.convert("RGB")
-        if resize == "pad":
-            scale = size / max(im.width, im.height)
-            w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
-            small = np.asarray(resize_image(im, (w, h)))
-            arrays.append(np.pad(small, ((0, size - h), (0, size - w), (0, 0)), mode="symmetric"))
-            content.append((h, w))
-        else:
-            arrays.append(np.asarray(resize_image(im, (size, size))))
-            content.append((size, size))
+    arrays, content = zip(*(square_pixels(im, size, resize) for im in images)) if images else ((), ())
+    content = list(content)
     # in NumPy: a multi-threaded torch op here would leave OpenMP's threads spinning on the
     # cores that a compiled runtime is about to use (see FeatureExtractor.unnormalised)
     # C-contiguous: a strided array would cost the compiled runtime's input a copy

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import threading
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .image_io import ImageLike, load_image, resize_image
+from .image_io import ImageLike, load_image, square_pixels
+from .postprocess import normalize
 from .verdicts import verdict
 
 FORMAT = "pfm-anomaly-onnx"            # anomaly.export.FORMAT (not imported: that needs torch)
@@ -122,15 +122,8 @@ class EdgeDetector:
     def prepare(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int]]:
         """Any image ``anomaly.image_io.load_image`` reads -> (pixels (1, S, S, 3) uint8, content
         (h, w)): resized as the detector resizes (``anomaly.detector.to_tensor``)."""
-        im = load_image(image)
-        S = self.image_size
-        if self.resize == "pad":
-            scale = S / max(im.width, im.height)
-            w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
-            small = np.asarray(resize_image(im, (w, h)))
-            pixels = np.pad(small, ((0, S - h), (0, S - w), (0, 0)), mode="symmetric")
-            return np.ascontiguousarray(pixels[None]), (h, w)
-        return np.ascontiguousarray(np.asarray(resize_image(im, (S, S)))[None]), (S, S)
+        pixels, content = square_pixels(load_image(image), self.image_size, self.resize)
+        return np.ascontiguousarray(pixels[None]), content
 
     def check(self, pixels: np.ndarray, content: tuple[int, int] | None = None) -> None:
         """ValueError unless ``pixels`` is (1, S, S, 3) uint8 (and ``content`` 1..S each)."""
@@ -176,26 +169,12 @@ class EdgeDetector:
 
     def norm_score(self, score: float) -> float:
         """Raw score -> [0, 1] by the file's rule (``anomaly.postprocess.normalize``)."""
-        return normalize(score, self.norm_threshold, *self.score_range)
+        return float(normalize(float(score), self.norm_threshold, *self.score_range))
 
     def predict(self, image: ImageLike) -> EdgeResult:
         """One image (path, bytes, PIL image or array) -> its EdgeResult."""
         amap, score = self.run(*self.prepare(image))
         return EdgeResult(score, self.norm_score(score), self.verdict(score), amap)
-
-
-def normalize(x: float, threshold: float, lo: float, hi: float) -> float:
-    """``anomaly.postprocess.normalize`` for one float (that module imports scipy): lo -> 0,
-    threshold -> 0.5, hi -> 1, piecewise linear, clipped to [0, 1]."""
-    if not all(math.isfinite(v) for v in (threshold, lo, hi)) or not lo <= threshold <= hi:
-        raise ValueError(f"need finite lo <= threshold <= hi, got lo={lo}, threshold={threshold}, hi={hi}")
-    if x < threshold:
-        out = 0.5 * (x - lo) / (threshold - lo) if threshold > lo else 0.0
-    elif x > threshold:
-        out = 0.5 + 0.5 * (x - threshold) / (hi - threshold) if hi > threshold else 1.0
-    else:
-        out = 0.5
-    return min(1.0, max(0.0, out))
 
 
 def _images(args: Sequence[str]) -> list[Path]:

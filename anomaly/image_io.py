@@ -141,3 +141,17 @@ def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     out.paste(top.result(), (0, 0))
     out.paste(bottom, (0, half))
     return out
+
+
+def square_pixels(image: Image.Image, size: int, resize: str = "stretch") -> tuple[np.ndarray, tuple[int, int]]:
+    """An RGB image -> (pixels (size, size, 3) uint8, content (h, w)) as the detector sees it:
+    "stretch" resizes to size x size (content the whole square); "pad" keeps the aspect ratio
+    (longer side = size), puts the image at the top left and fills the rest by mirroring it."""
+    image = image.convert("RGB")
+    if resize != "pad":
+        return np.asarray(resize_image(image, (size, size))), (size, size)
+    scale = size / max(image.width, image.height)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    small = np.asarray(resize_image(image, (w, h)))
+    return np.pad(small, ((0, size - h), (0, size - w), (0, 0)), mode="symmetric"), (h, w)
+

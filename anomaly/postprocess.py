@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from .image_io import resize_image
 
@@ -70,6 +69,9 @@ def region_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
         raise ValueError(f"width must be an integer >= 1, got {width!r}")
     if not mask.any():
         return np.zeros_like(mask)
+    from scipy import ndimage       # here, not at import: the torch-free runner (anomaly.edge) needs
+                                    # ``normalize`` without scipy
+
     square = ndimage.generate_binary_structure(2, 2)              # 3 x 3, 8-connected
     inside, outside = width - width // 2, width // 2
     inner = ndimage.binary_erosion(mask, square, iterations=inside, border_value=0)
